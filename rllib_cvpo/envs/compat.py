@@ -1,0 +1,256 @@
+"""Make safety-gymnasium 1.0.0 run on gymnasium 1.2.2, numpy 2 and Python 3.11.
+
+safety-gymnasium 1.0.0 (its latest release) was written for gymnasium 0.28 and Python <= 3.10. Every fix here is
+applied in memory when :func:`import_safety_gymnasium` first runs; no installed file is edited. The env factory calls it
+in every process that builds an env, which covers RLlib's remote EnvRunners. Each fix is numbered as in the project
+notes and has its own test in ``tests/test_compat.py``.
+
+1. gymnasium 1.x moved the wrapper modules that safety-gymnasium imports (``gymnasium.wrappers.time_limit`` and
+   friends): the old module names are aliased to the new objects.
+2. ``gymnasium_robotics`` is imported by the package only for multi-agent tasks: a placeholder satisfies the import
+   while safety-gymnasium loads and is removed afterwards.
+3. Python 3.11 dataclasses reject ndarray class defaults (``color: np.array = COLOR[...]`` in every asset): while the
+   package loads, such defaults become ``default_factory`` copies.
+4. ``safety_gymnasium.make`` builds an ``EnvSpec`` with fields gymnasium 1.x removed: it is replaced by a ``make`` with
+   the same wrapper order (SafePassiveEnvChecker -> OrderEnforcing -> SafeTimeLimit -> optional SafeAutoReset).
+5. numpy >= 2.4 breaks the Car robots (a one-element array used as an index): numpy is pinned below 2.4 in
+   ``pyproject.toml``; :func:`check_numpy` says so if another numpy was installed.
+6. ``np.array(action, copy=False)`` fails on Python lists under numpy 2: the env factory hands the env an ndarray.
+7. ``Builder.reset(seed=...)`` never seeds ``np_random`` (gymnasium's ``check_env`` fails): it is seeded now.
+8. ``OffScreenViewer`` is built without its size: the size comes from the model's ``offwidth``/``offheight``.
+   ``MUJOCO_GL`` defaults to ``egl`` when there is no display, so ``rgb_array`` works on servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import os
+import pkgutil
+import sys
+import threading
+import types
+from typing import Any
+
+import numpy as np
+
+SAFETY_GYMNASIUM_VERSION = "1.0.0"
+INSTALL_COMMAND = f"pip install --no-deps safety-gymnasium=={SAFETY_GYMNASIUM_VERSION}"
+
+_lock = threading.Lock()
+_module: types.ModuleType | None = None
+
+
+class SafetyGymnasiumMissing(ImportError):
+    """safety-gymnasium is not installed."""
+
+
+def import_safety_gymnasium() -> types.ModuleType:
+    """Import safety-gymnasium with every compatibility fix applied (idempotent, thread-safe)."""
+    global _module
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is None:
+            _module = _load()
+    return _module
+
+
+def _load() -> types.ModuleType:
+    check_numpy()
+    if importlib.util.find_spec("safety_gymnasium") is None:
+        raise SafetyGymnasiumMissing(
+            "safety-gymnasium tasks need the package safety-gymnasium, which is not installed. Add it with:\n"
+            f"    {INSTALL_COMMAND}\n"
+            "(--no-deps is required: its declared pins conflict with ray[rllib]; rllib-cvpo supplies what it needs)."
+        )
+    if "DISPLAY" not in os.environ and "mujoco" not in sys.modules:
+        os.environ.setdefault("MUJOCO_GL", "egl")  # fix 8: headless rgb_array rendering
+    # A previous failed import can leave half-initialised submodules behind.
+    for name in [n for n in sys.modules if n == "safety_gymnasium" or n.startswith("safety_gymnasium.")]:
+        del sys.modules[name]
+    _alias_gymnasium_wrapper_modules()  # fix 1
+    with _robotics_placeholder(), _ndarray_defaults_as_factories():  # fixes 2 and 3
+        sg = importlib.import_module("safety_gymnasium")
+        assets = importlib.import_module("safety_gymnasium.assets")
+        for info in pkgutil.walk_packages(assets.__path__, prefix="safety_gymnasium.assets."):
+            importlib.import_module(info.name)  # load every asset while fix 3 is active
+    _replace_make(sg)  # fix 4
+    _seed_builder_reset()  # fix 7
+    _size_offscreen_viewer()  # fix 8
+    return sg
+
+
+# -- fix 1 ---------------------------------------------------------------------------------------------------------
+def _alias_gymnasium_wrapper_modules() -> None:
+    import gymnasium.wrappers as w
+    from gymnasium.wrappers.utils import RunningMeanStd
+
+    class EnvCompatibility:  # gymnasium 1.x removed the old-step-API converter.
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("apply_api_compatibility is not supported with gymnasium 1.x")
+
+    aliases = {
+        "gymnasium.wrappers.compatibility": {"EnvCompatibility": EnvCompatibility},
+        "gymnasium.wrappers.autoreset": {"AutoResetWrapper": w.Autoreset},
+        "gymnasium.wrappers.env_checker": {"PassiveEnvChecker": w.PassiveEnvChecker},
+        "gymnasium.wrappers.time_limit": {"TimeLimit": w.TimeLimit},
+        "gymnasium.wrappers.normalize": {
+            "NormalizeObservation": w.NormalizeObservation,
+            "NormalizeReward": w.NormalizeReward,
+            "RunningMeanStd": RunningMeanStd,
+        },
+    }
+    for name, attrs in aliases.items():
+        if name in sys.modules:
+            continue
+        module = types.ModuleType(name, f"rllib-cvpo alias of gymnasium 0.28's {name} for safety-gymnasium")
+        module.__dict__.update(attrs)
+        sys.modules[name] = module
+        setattr(w, name.rsplit(".", 1)[1], module)
+
+
+# -- fix 2 ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _robotics_placeholder():
+    if importlib.util.find_spec("gymnasium_robotics") is not None:
+        yield
+        return
+
+    class MultiAgentMujocoEnv:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("safety-gymnasium multi-agent tasks need gymnasium-robotics; rllib-cvpo is single-agent")
+
+    names = [
+        "gymnasium_robotics",
+        "gymnasium_robotics.envs",
+        "gymnasium_robotics.envs.multiagent_mujoco",
+        "gymnasium_robotics.envs.multiagent_mujoco.mujoco_multi",
+    ]
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules[names[-1]].MultiAgentMujocoEnv = MultiAgentMujocoEnv
+    try:
+        yield
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+
+
+# -- fix 3 ---------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _ndarray_defaults_as_factories():
+    original = dataclasses.dataclass
+
+    def patched(cls=None, /, **kwargs):
+        def wrap(c):
+            for name in getattr(c, "__annotations__", {}):
+                value = c.__dict__.get(name)
+                if isinstance(value, np.ndarray):
+                    setattr(c, name, dataclasses.field(default_factory=functools.partial(np.array, value)))
+            return original(**kwargs)(c)
+
+        return wrap if cls is None else wrap(cls)
+
+    dataclasses.dataclass = patched
+    try:
+        yield
+    finally:
+        dataclasses.dataclass = original
+
+
+# -- fix 4 ---------------------------------------------------------------------------------------------------------
+def _replace_make(sg: types.ModuleType) -> None:
+    import gymnasium
+    from gymnasium.envs.registration import EnvSpec, load_env_creator
+    from gymnasium.wrappers import OrderEnforcing
+
+    registration = sys.modules["safety_gymnasium.utils.registration"]
+    wrappers = sys.modules["safety_gymnasium.wrappers"]
+
+    def make(
+        id: str,  # noqa: A002 - same signature as safety_gymnasium.make
+        max_episode_steps: int | None = None,
+        autoreset: bool | None = None,
+        disable_env_checker: bool | None = None,
+        **kwargs: Any,
+    ) -> gymnasium.Env:
+        """safety_gymnasium.make for gymnasium 1.x: returns an env whose step gives a 6-tuple with the cost."""
+        if id not in registration.safe_registry:
+            raise gymnasium.error.UnregisteredEnv(f"Environment {id} is not registered in safety-gymnasium.")
+        spec = gymnasium.spec(id)
+        spec_kwargs = {**spec.kwargs, **kwargs}
+        creator = spec.entry_point if callable(spec.entry_point) else load_env_creator(spec.entry_point)
+        env = creator(**spec_kwargs)
+        env.unwrapped.spec = EnvSpec(
+            id=spec.id,
+            entry_point=spec.entry_point,
+            reward_threshold=spec.reward_threshold,
+            nondeterministic=spec.nondeterministic,
+            max_episode_steps=None,
+            order_enforce=False,
+            disable_env_checker=True,
+            kwargs=spec_kwargs,
+        )
+        if not (disable_env_checker if disable_env_checker is not None else spec.disable_env_checker):
+            env = wrappers.SafePassiveEnvChecker(env)
+        if spec.order_enforce:
+            env = OrderEnforcing(env)
+        limit = max_episode_steps if max_episode_steps is not None else spec.max_episode_steps
+        if limit is not None:
+            env = wrappers.SafeTimeLimit(env, limit)
+        if autoreset:
+            env = wrappers.SafeAutoResetWrapper(env)
+        return env
+
+    registration.make = make
+    sg.make = make
+
+
+# -- fix 5 ---------------------------------------------------------------------------------------------------------
+def check_numpy() -> None:
+    major, minor = (int(p) for p in np.__version__.split(".")[:2])
+    if (major, minor) >= (2, 4):
+        raise ImportError(
+            f"numpy {np.__version__} breaks safety-gymnasium's Car robots (one-element arrays are no longer "
+            "indices); rllib-cvpo needs numpy 2.3: pip install numpy==2.3.5"
+        )
+
+
+# -- fix 7 ---------------------------------------------------------------------------------------------------------
+def _seed_builder_reset() -> None:
+    from gymnasium.utils import seeding
+
+    builder = importlib.import_module("safety_gymnasium.builder").Builder
+    original = builder.reset
+    if getattr(original, "_rllib_cvpo_seeded", False):
+        return
+
+    @functools.wraps(original)
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            self._np_random, self._np_random_seed = seeding.np_random(seed)
+        return original(self, seed=seed, options=options)
+
+    reset._rllib_cvpo_seeded = True
+    builder.reset = reset
+
+
+# -- fix 8 ---------------------------------------------------------------------------------------------------------
+def _size_offscreen_viewer() -> None:
+    underlying = importlib.import_module("safety_gymnasium.bases.underlying")
+    viewer_cls = underlying.OffScreenViewer
+    if getattr(viewer_cls, "_rllib_cvpo_sized", False):
+        return
+
+    class SizedOffScreenViewer(viewer_cls):
+        _rllib_cvpo_sized = True
+
+        def __init__(self, model, data, width: int | None = None, height: int | None = None, **kwargs: Any):
+            width = width or model.vis.global_.offwidth
+            height = height or model.vis.global_.offheight
+            super().__init__(model, data, width, height, **kwargs)
+
+    underlying.OffScreenViewer = SizedOffScreenViewer

@@ -1,0 +1,87 @@
+"""One test per safety-gymnasium compatibility fix (rllib_cvpo/envs/compat.py). Each would fail without its fix."""
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+
+from rllib_cvpo.envs import compat, make_env
+
+
+@pytest.fixture(scope="module")
+def sg():
+    return compat.import_safety_gymnasium()
+
+
+def test_fix1_old_gymnasium_wrapper_modules_are_aliased(sg):
+    import gymnasium.wrappers as w
+
+    assert sys.modules["gymnasium.wrappers.time_limit"].TimeLimit is w.TimeLimit
+    assert sys.modules["gymnasium.wrappers.autoreset"].AutoResetWrapper is w.Autoreset
+    # safety-gymnasium's own wrappers built on the aliases work: the time limit truncates at its step count.
+    env = sg.make("SafetySwimmerVelocity-v1", max_episode_steps=7)
+    env.reset(seed=0)
+    flags = [env.step(env.action_space.sample())[4] for _ in range(7)]
+    assert flags == [False] * 6 + [True]
+
+
+def test_fix2_no_gymnasium_robotics_placeholder_is_left_behind(sg):
+    assert importlib.util.find_spec("gymnasium_robotics") is None
+    assert "gymnasium_robotics" not in sys.modules
+    assert "safety_gymnasium.tasks.safe_multi_agent.safe_mujoco_multi" in sys.modules
+
+
+def test_fix3_asset_colors_are_per_instance_defaults(sg):
+    from safety_gymnasium.assets.geoms.apples import Apples
+
+    a, b = Apples(), Apples()
+    assert isinstance(a.color, np.ndarray)
+    a.color[0] = 123.0
+    assert b.color[0] != 123.0
+
+
+def test_fix4_make_returns_six_tuple_with_time_limit_and_checker(sg):
+    env = sg.make("SafetyPointGoal1-v0")
+    names = []
+    e = env
+    while hasattr(e, "env"):
+        names.append(type(e).__name__)
+        e = e.env
+    assert names == ["SafeTimeLimit", "OrderEnforcing", "SafePassiveEnvChecker"]
+    assert env._max_episode_steps == 1000
+    env.reset(seed=1)
+    out = env.step(env.action_space.sample())
+    assert len(out) == 6 and isinstance(out[2], float)
+
+
+def test_fix5_numpy_is_below_2_4_and_car_robots_build(sg):
+    major, minor = (int(p) for p in np.__version__.split(".")[:2])
+    assert (major, minor) < (2, 4)
+    env = sg.make("SafetyCarGoal1-v0")
+    env.reset(seed=0)
+    env.step(env.action_space.sample())
+
+
+def test_fix6_list_actions_reach_the_env_as_arrays():
+    env = make_env("SafetyPointGoal1-v0")
+    env.reset(seed=0)
+    obs, *_ = env.step([0.1, -0.2])  # safety-gymnasium alone raises on a list under numpy 2
+    assert obs.shape == env.observation_space.shape
+
+
+def test_fix7_seeded_reset_seeds_np_random(sg):
+    env = sg.make("SafetyPointButton1-v0")
+    env.reset(seed=42)
+    first = env.unwrapped.np_random.random()
+    env.reset(seed=42)
+    assert env.unwrapped.np_random.random() == first
+    assert env.unwrapped.np_random_seed == 42
+
+
+def test_fix8_offscreen_rendering_is_sized_and_headless(sg):
+    env = sg.make("SafetyPointGoal1-v0", render_mode="rgb_array")
+    env.reset(seed=0)
+    frame = env.render()
+    model = env.unwrapped.task.model
+    assert frame.shape == (model.vis.global_.offheight, model.vis.global_.offwidth, 3)
