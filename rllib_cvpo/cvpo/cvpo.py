@@ -1,0 +1,400 @@
+"""CVPOConfig and CVPO: Constrained Variational Policy Optimization (Liu et al., ICML 2022) on RLlib's new API stack."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    REPLAY_BUFFER_ADD_DATA_TIMER,
+    REPLAY_BUFFER_SAMPLE_TIMER,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
+
+from rllib_cvpo.cvpo.callbacks import CostMetricsCallback
+from rllib_cvpo.cvpo.estep import qc_threshold
+from rllib_cvpo.cvpo.replay import CostReplayBuffer
+
+REPLAY_STATE = "cvpo_replay_buffer"
+
+
+class CVPOConfig(AlgorithmConfig):
+    """Configuration of CVPO. Defaults follow FSRL's safety-gymnasium configuration (the published CVPO results on
+    these tasks), with the exact E-step dual instead of its single Adam step; :meth:`paper_preset` gives the original
+    paper's settings. ``training()`` documents every setting.
+
+    Example:
+        >>> from rllib_cvpo import CVPOConfig
+        >>> config = (CVPOConfig().environment("SafetyPointGoal1-v0").env_runners(num_env_runners=2)
+        ...           .learners(num_learners=0).training(cost_limit=25.0))
+        >>> algo = config.build_algo()
+        >>> algo.train()
+    """
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or CVPO)
+        # Constraint.
+        self.cost_limit: Union[float, Dict[str, float]] = 25.0
+        self.cost_limit_start: Optional[Union[float, Dict[str, float]]] = None
+        self.cost_limit_anneal_steps: int = 0
+        self.episode_len: Optional[int] = None
+        # E-step.
+        self.estep_kl = 0.02
+        self.num_action_samples = 16
+        self.estep_solver = "newton"
+        self.eta_init = 1.0
+        self.lambda_init = 0.0
+        self.eta_min = 1e-6
+        self.eta_max = 1e4
+        self.lambda_max = 1e3
+        # M-step.
+        self.kl_mean = 0.005
+        self.kl_std = 0.0005
+        self.mstep_iterations = 1
+        self.alpha_mean_step = 1.0
+        self.alpha_std_step = 100.0
+        self.alpha_mean_max = 10.0
+        self.alpha_std_max = 100.0
+        self.actor_lr = 5e-4
+        self.actor_grad_clip: Optional[float] = None
+        self.tau_policy = 0.005
+        # Critics and replay.
+        self.critic_lr = 1e-3
+        self.tau = 0.05
+        self.twin_q = True
+        self.replay_capacity = 200_000
+        self.num_steps_sampled_before_learning_starts = 2_000
+        self.updates_per_env_step = 0.2
+        self.store_buffer_in_checkpoints = True
+        # RLlib settings with CVPO-specific defaults.
+        self.gamma = 0.995
+        self.lr = None
+        self.train_batch_size_per_learner = 256
+        self.rollout_fragment_length = 50
+        self.min_sample_timesteps_per_iteration = 1_000
+        self.min_time_s_per_iteration = 0
+        self.metrics_num_episodes_for_smoothing = 20
+        self._model_config = {"fcnet_hiddens": [128, 128], "fcnet_activation": "relu"}
+        self.callbacks_class = CostMetricsCallback
+        self.evaluation_interval = 1
+        self.evaluation_duration = 2
+        self.evaluation_duration_unit = "episodes"
+        self.evaluation_config = {"explore": False}
+
+    @override(AlgorithmConfig)
+    def training(
+        self,
+        *,
+        cost_limit=NotProvided,
+        cost_limit_start=NotProvided,
+        cost_limit_anneal_steps=NotProvided,
+        episode_len=NotProvided,
+        estep_kl=NotProvided,
+        num_action_samples=NotProvided,
+        estep_solver=NotProvided,
+        eta_init=NotProvided,
+        lambda_init=NotProvided,
+        eta_min=NotProvided,
+        eta_max=NotProvided,
+        lambda_max=NotProvided,
+        kl_mean=NotProvided,
+        kl_std=NotProvided,
+        mstep_iterations=NotProvided,
+        alpha_mean_step=NotProvided,
+        alpha_std_step=NotProvided,
+        alpha_mean_max=NotProvided,
+        alpha_std_max=NotProvided,
+        actor_lr=NotProvided,
+        actor_grad_clip=NotProvided,
+        tau_policy=NotProvided,
+        critic_lr=NotProvided,
+        tau=NotProvided,
+        twin_q=NotProvided,
+        replay_capacity=NotProvided,
+        num_steps_sampled_before_learning_starts=NotProvided,
+        updates_per_env_step=NotProvided,
+        store_buffer_in_checkpoints=NotProvided,
+        **kwargs,
+    ) -> "CVPOConfig":
+        """Sets CVPO's training settings. Symbols follow the paper; [FSRL] / [ORIG] / [ours] give each default's source.
+
+        Args:
+            cost_limit: d, the limit on the expected undiscounted episodic cost (default 25, [FSRL] safety-gymnasium).
+                A float constrains ``info["cost"]``; a dict such as ``{"cost_hazards": 20, "cost_vases": 5}`` puts
+                one constraint (and one cost critic) on each named info key.
+            cost_limit_start: an optional looser limit to anneal from: d(t) = d + (d_start - d) exp(-5 t / t_anneal)
+                over ``cost_limit_anneal_steps`` env steps, then d ([ORIG] ``use_cost_decay``; off by default).
+            cost_limit_anneal_steps: t_anneal, env steps of the annealing (default 0: no annealing).
+            episode_len: T, the episode length used to turn d into the per-step Q_c threshold
+                eps_c = d (1 - gamma^T) / ((1 - gamma) T); default None: the env's time limit.
+            estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.02, [FSRL]).
+            num_action_samples: N (the paper's particle size K), actions sampled per state (default 16, [FSRL]).
+            estep_solver: "newton" (default: projected damped Newton in float64 with the analytic gradient and
+                Hessian, warm-started) or "cvxpy" (the exponential-cone program; slow, the reference).
+            eta_init, lambda_init: initial eta and lambda (default 1 and 0, [FSRL]); warm starts after that.
+            eta_min, eta_max: bounds on eta (default 1e-6 and 1e4; [ORIG] 1e-6 and 1e5).
+            lambda_max: bound on each lambda (default 1e3). lambda at this bound means the constraint looked
+                infeasible inside the KL ball; the update then minimises cost (``dual_at_bound`` is logged).
+            kl_mean, kl_std: eps_mu and eps_Sigma, M-step KL bounds of the mean and covariance (default 0.005 and
+                0.0005, [FSRL]).
+            mstep_iterations: M, policy gradient steps per batch (default 1, [FSRL]; [ORIG] 6).
+            alpha_mean_step, alpha_std_step: step sizes of the projected dual ascent on alpha_mu and alpha_Sigma
+                (default 1 and 100, paper Table 1).
+            alpha_mean_max, alpha_std_max: caps on alpha_mu and alpha_Sigma (default 10 and 100 [ours]).
+            actor_lr: policy Adam learning rate (default 5e-4, [FSRL]).
+            actor_grad_clip: policy gradient-norm clip (default None, [FSRL]; [ORIG] 0.01).
+            tau_policy: Polyak rate of pi_old, the policy the E-step samples from and the M-step trust region is
+                centred on (default 0.005 [ORIG] rho = 0.995).
+            critic_lr: critics' Adam learning rate (default 1e-3, [FSRL] and [ORIG]).
+            tau: Polyak rate of the target critics (default 0.05, [FSRL]).
+            twin_q: two reward critics, using their minimum (default True, [ORIG]).
+            replay_capacity: transitions kept (default 200_000, [FSRL]).
+            num_steps_sampled_before_learning_starts: env steps sampled with uniformly random actions before the
+                first update (default 2000; [ORIG] 4000 on its tasks, [FSRL] 0).
+            updates_per_env_step: learner updates per sampled env step (default 0.2, [FSRL] update_per_step).
+            store_buffer_in_checkpoints: keep the replay buffer in checkpoints (default True).
+            kwargs: RLlib's own settings: ``gamma`` (default 0.995 [FSRL]), ``train_batch_size_per_learner`` (B,
+                default 256 [FSRL]), ...
+        """
+        super().training(**kwargs)
+        for name, value in list(locals().items()):
+            if name not in ("self", "kwargs", "__class__") and value is not NotProvided:
+                setattr(self, name, value)
+        return self
+
+    @override(AlgorithmConfig)
+    def environment(self, env=NotProvided, **kwargs) -> "CVPOConfig":
+        """As RLlib's, and a task id known to :func:`rllib_cvpo.envs.make_env` is registered with Ray right away,
+        so remote EnvRunners build it through the env factory."""
+        if isinstance(env, str):
+            from rllib_cvpo.envs import register_with_ray
+
+            register_with_ray(env)
+        return super().environment(env, **kwargs)
+
+    def paper_preset(self) -> "CVPOConfig":
+        """The original paper's settings (Table 1 and the original code's config): gamma 0.99, B 300, N 32, M 6,
+        eps 0.1, eps_mu = eps_Sigma = 0.001, alpha caps 0.1 / 10, actor lr 0.002 with gradient clip 0.01, critic lr
+        1e-3, Polyak 0.995 for the critics and pi_old, eta = lambda = 0.1 initially, dual bounds 1e5, buffer
+        80 000, 256x256 networks, 0.13 updates per env step (40 reruns of 8000 steps in batches of 300)."""
+        self.training(
+            gamma=0.99, train_batch_size_per_learner=300, num_action_samples=32, mstep_iterations=6, estep_kl=0.1,
+            kl_mean=0.001, kl_std=0.001, alpha_mean_step=1.0, alpha_std_step=100.0, alpha_mean_max=0.1,
+            alpha_std_max=10.0, actor_lr=0.002, actor_grad_clip=0.01, critic_lr=1e-3, tau=0.005, tau_policy=0.005,
+            eta_init=0.1, lambda_init=0.1, eta_max=1e5, lambda_max=1e5, replay_capacity=80_000, twin_q=True,
+            updates_per_env_step=0.133, num_steps_sampled_before_learning_starts=4000,
+        )
+        return self.rl_module(model_config={"fcnet_hiddens": [256, 256], "fcnet_activation": "relu"})
+
+    # -- derived values --------------------------------------------------------------------------------------------
+    @property
+    def cost_limits(self) -> Dict[str, float]:
+        """{cost info key: episodic limit}."""
+        if isinstance(self.cost_limit, Mapping):
+            return {str(k): float(v) for k, v in self.cost_limit.items()}
+        return {"cost": float(self.cost_limit)}
+
+    @property
+    def cost_keys(self) -> List[str]:
+        return list(self.cost_limits)
+
+    @functools.cached_property
+    def horizon(self) -> int:
+        """T: ``episode_len``, or the env's time limit."""
+        if self.episode_len is not None:
+            return int(self.episode_len)
+        from rllib_cvpo.envs import episode_length
+
+        t = episode_length(self.env) if isinstance(self.env, str) else None
+        if t is None:
+            raise ValueError(f"env {self.env!r} has no time limit: set training(episode_len=T)")
+        return int(t)
+
+    def cost_limits_at(self, env_steps: int) -> Dict[str, float]:
+        """The (possibly annealed) episodic limits after ``env_steps`` sampled env steps."""
+        final = self.cost_limits
+        if self.cost_limit_start is None or not self.cost_limit_anneal_steps or env_steps >= self.cost_limit_anneal_steps:
+            return final
+        start = self.cost_limit_start
+        start = {k: float(start[k]) for k in final} if isinstance(start, Mapping) else {k: float(start) for k in final}
+        decay = math.exp(-5.0 * env_steps / self.cost_limit_anneal_steps)
+        return {k: final[k] + (start[k] - final[k]) * decay for k in final}
+
+    def qc_thresholds(self, env_steps: int = 0) -> List[float]:
+        """Per-step Q_c thresholds eps_c (one per cost key) after ``env_steps`` env steps."""
+        return [qc_threshold(d, self.gamma, self.horizon) for d in self.cost_limits_at(env_steps).values()]
+
+    # -- RLlib hooks -----------------------------------------------------------------------------------------------
+    @property
+    @override(AlgorithmConfig)
+    def _model_config_auto_includes(self) -> Dict[str, Any]:
+        return super()._model_config_auto_includes | {"twin_q": self.twin_q, "num_cost_critics": len(self.cost_keys)}
+
+    @override(AlgorithmConfig)
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import CVPOTorchRLModule
+
+        return RLModuleSpec(module_class=CVPOTorchRLModule)
+
+    @override(AlgorithmConfig)
+    def get_default_learner_class(self):
+        from rllib_cvpo.cvpo.torch.cvpo_torch_learner import CVPOTorchLearner
+
+        return CVPOTorchLearner
+
+    @override(AlgorithmConfig)
+    def validate(self) -> None:
+        super().validate()
+        errors = []
+
+        def number(name, lo=None, hi=None, lo_open=False, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                errors.append(f"{name} must be a finite number, got {v!r}")
+            elif lo is not None and (v <= lo if lo_open else v < lo):
+                errors.append(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+            elif hi is not None and v > hi:
+                errors.append(f"{name} must be <= {hi}, got {v!r}")
+
+        limits = self.cost_limit if isinstance(self.cost_limit, Mapping) else {"cost": self.cost_limit}
+        if not limits:
+            errors.append("cost_limit must be a number or a non-empty {cost key: limit} dict, got {}")
+        for key, v in limits.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                errors.append(f"cost_limit for {key!r} must be a number >= 0, got {v!r}")
+        if self.cost_limit_start is not None:
+            starts = self.cost_limit_start if isinstance(self.cost_limit_start, Mapping) else {k: self.cost_limit_start for k in limits}
+            for key in limits:
+                v = starts.get(key)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < limits[key]:
+                    errors.append(f"cost_limit_start for {key!r} must be a number >= its cost_limit, got {v!r}")
+        number("cost_limit_anneal_steps", 0)
+        if self.episode_len is not None and (not isinstance(self.episode_len, int) or self.episode_len < 1):
+            errors.append(f"episode_len must be a positive integer or None, got {self.episode_len!r}")
+        number("gamma", 0.0, 1.0)
+        number("estep_kl", 0.0, lo_open=True)
+        if not isinstance(self.num_action_samples, int) or self.num_action_samples < 2:
+            errors.append(f"num_action_samples must be an integer >= 2, got {self.num_action_samples!r}")
+        if self.estep_solver not in ("newton", "cvxpy"):
+            errors.append(f"estep_solver must be 'newton' or 'cvxpy', got {self.estep_solver!r}")
+        number("eta_min", 0.0, lo_open=True)
+        number("eta_max", self.eta_min if isinstance(self.eta_min, (int, float)) else 0.0, lo_open=True)
+        number("eta_init", 0.0, lo_open=True)
+        number("lambda_max", 0.0, lo_open=True)
+        number("lambda_init", 0.0)
+        for name in ("kl_mean", "kl_std"):
+            number(name, 0.0, lo_open=True)
+        if not isinstance(self.mstep_iterations, int) or self.mstep_iterations < 1:
+            errors.append(f"mstep_iterations must be an integer >= 1, got {self.mstep_iterations!r}")
+        for name in ("alpha_mean_step", "alpha_std_step", "alpha_mean_max", "alpha_std_max"):
+            number(name, 0.0)
+        for name in ("actor_lr", "critic_lr"):
+            number(name, 0.0, lo_open=True)
+        number("actor_grad_clip", 0.0, lo_open=True, allow_none=True)
+        for name in ("tau", "tau_policy"):
+            number(name, 0.0, 1.0, lo_open=True)
+        number("updates_per_env_step", 0.0, lo_open=True)
+        number("num_steps_sampled_before_learning_starts", 0)
+        if not isinstance(self.replay_capacity, int) or self.replay_capacity < self.train_batch_size_per_learner:
+            errors.append(f"replay_capacity must be an integer >= train_batch_size_per_learner "
+                          f"({self.train_batch_size_per_learner}), got {self.replay_capacity!r}")
+        if self.lr is not None:
+            errors.append(f"lr is not used by CVPO (set actor_lr and critic_lr), got {self.lr!r}")
+        if errors:
+            raise ValueError("Invalid CVPO configuration: " + "; ".join(errors))
+        if self.is_multi_agent:
+            raise ValueError("CVPO supports single-agent envs only")
+        if self.env is not None:
+            self.horizon  # noqa: B018 - fails early when T cannot be found
+
+
+class CVPO(Algorithm):
+    """CVPO: sample with EnvRunners -> store in a cost-aware replay -> per sampled env step, ``updates_per_env_step``
+    learner updates (critics, E-step, M-step) on uniform minibatches -> sync the policy to the EnvRunners."""
+
+    @classmethod
+    @override(Algorithm)
+    def get_default_config(cls) -> CVPOConfig:
+        return CVPOConfig()
+
+    @override(Algorithm)
+    def setup(self, config: CVPOConfig) -> None:
+        if isinstance(config.env, str):
+            from rllib_cvpo.envs import register_with_ray
+
+            register_with_ray(config.env)
+        super().setup(config)
+        self.replay = CostReplayBuffer(config.replay_capacity, config.cost_keys, seed=config.seed)
+        self._update_credit = 0.0
+
+    @override(Algorithm)
+    def training_step(self) -> None:
+        cfg: CVPOConfig = self.config
+        lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
+        warmup = lifetime < cfg.num_steps_sampled_before_learning_starts
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            episodes, runner_results = synchronous_parallel_sample(
+                worker_set=self.env_runner_group,
+                concat=True,
+                sample_timeout_s=cfg.sample_timeout_s,
+                random_actions=warmup,
+                _uses_new_env_runners=True,
+                _return_metrics=True,
+            )
+        self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
+        with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
+            sampled = self.replay.add(episodes)
+        lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
+        if lifetime < cfg.num_steps_sampled_before_learning_starts:
+            return
+        self._update_credit += sampled * cfg.updates_per_env_step
+        num_updates = int(self._update_credit)
+        if num_updates == 0:
+            return
+        self._update_credit -= num_updates
+        per_learner = cfg.train_batch_size_per_learner
+        with self.metrics.log_time((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER)):
+            columns = self.replay.sample(num_updates * cfg.total_train_batch_size)
+        # Several learners: the learner group shards the batch; each learner then runs `num_updates` minibatches.
+        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns["obs"]))
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            results = self.learner_group.update(
+                batch=batch,
+                minibatch_size=per_learner,
+                num_epochs=1,
+                shuffle_batch_per_epoch=False,
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime},
+            )
+        self.metrics.aggregate(results, key=LEARNER_RESULTS)
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+
+    @override(Algorithm)
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> Dict[str, Any]:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if self.config.store_buffer_in_checkpoints and self._check_component(REPLAY_STATE, components, not_components):
+            state[REPLAY_STATE] = {"buffer": self.replay.get_state(), "credit": self._update_credit}
+        return state
+
+    @override(Algorithm)
+    def set_state(self, state: Dict[str, Any]) -> None:
+        super().set_state(state)
+        if REPLAY_STATE in state:
+            self.replay.set_state(state[REPLAY_STATE]["buffer"])
+            self._update_credit = float(state[REPLAY_STATE]["credit"])

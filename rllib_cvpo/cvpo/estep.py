@@ -1,0 +1,244 @@
+"""CVPO's E-step: the convex dual over (eta, lambda) and the optimal non-parametric variational weights.
+
+Notation (paper / cvpo_spec.md): B states, N actions sampled per state from pi_old, m constraints.
+``qr[B, N]`` holds Q_r(s_k, a_kj), ``qc[B, N, m]`` holds Q_c,i(s_k, a_kj). With x_kj = Q^r_kj - sum_i lambda_i Q^c_ikj,
+
+    g(eta, lambda) = eta * eps + lambda . eps_c + eta * (1/B) sum_k log( (1/N) sum_j exp(x_kj / eta) )
+
+is jointly convex on {eta > 0, lambda >= 0} (the perspective of log-mean-exp composed with an affine map), and the
+E-step's optimal weights are q_kj = softmax_j(x_kj / eta*). Everything here runs in float64.
+
+Several learners hold different shards of the batch: the solver takes a ``reduce`` callable that sums the per-state
+sums across them (an all-reduce), so every learner solves the dual of the *global* batch and gets the same answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def qc_threshold(cost_limit: float, gamma: float, horizon: int) -> float:
+    """The per-step Q_c threshold eps_c for an episodic (undiscounted) cost limit d over T steps.
+
+    The budget is spread evenly (d/T per step); a constant per-step cost c has discounted value
+    c * (1 - gamma^T) / (1 - gamma). Hence eps_c = d * (1 - gamma^T) / ((1 - gamma) * T). This is the only place
+    where an episodic limit becomes a threshold (paper App. B.1; same formula in the original code and FSRL).
+    """
+    if cost_limit < 0:
+        raise ValueError(f"cost_limit must be >= 0, got {cost_limit!r}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    if int(horizon) < 1:
+        raise ValueError(f"horizon must be a positive number of steps, got {horizon!r}")
+    if gamma == 1.0:
+        return float(cost_limit)
+    return float(cost_limit) * (1.0 - gamma**horizon) / ((1.0 - gamma) * horizon)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _state_sums(eta: torch.Tensor, lam: torch.Tensor, qr: torch.Tensor, qc: torch.Tensor) -> torch.Tensor:
+    """Sums over the local states of everything the dual's value, gradient and Hessian need, packed in one vector:
+    [B, sum LME, sum E_w[x], sum E_w[Q_c] (m), sum Var_w(x), sum Cov_w(x, Q_c) (m), sum Cov_w(Q_c, Q_c) (m*m)]."""
+    n = qr.shape[1]
+    x = qr - (qc * lam).sum(-1)  # [B, N]
+    z = x / eta
+    zmax = z.max(dim=1, keepdim=True).values
+    e = torch.exp(z - zmax)
+    s = e.sum(dim=1, keepdim=True)
+    w = e / s  # softmax over the N samples of each state
+    lme = zmax.squeeze(1) + torch.log(s.squeeze(1)) - np.log(n)  # log-mean-exp of x/eta, [B]
+    ex = (w * x).sum(1)
+    eqc = torch.einsum("bn,bnm->bm", w, qc)
+    dx = x - ex[:, None]
+    dqc = qc - eqc[:, None, :]
+    var_x = (w * dx * dx).sum(1)
+    cov_xc = torch.einsum("bn,bn,bnm->bm", w, dx, dqc)
+    cov_cc = torch.einsum("bn,bni,bnj->bij", w, dqc, dqc)
+    count = torch.tensor([float(qr.shape[0])], dtype=qr.dtype, device=qr.device)
+    return torch.cat(
+        [count, lme.sum()[None], ex.sum()[None], eqc.sum(0), var_x.sum()[None], cov_xc.sum(0), cov_cc.sum(0).reshape(-1)]
+    )
+
+
+@dataclasses.dataclass
+class DualProblem:
+    """The dual of one (possibly sharded) batch. ``qr[B, N]``, ``qc[B, N, m]`` are converted to float64."""
+
+    qr: torch.Tensor
+    qc: torch.Tensor
+    eps_kl: float
+    thresholds: Sequence[float]
+    reduce: Reduce = _identity
+
+    def __post_init__(self) -> None:
+        self.qr = self.qr.detach().to(torch.float64)
+        self.qc = self.qc.detach().to(torch.float64)
+        if self.qc.dim() == 2:
+            self.qc = self.qc[..., None]
+        self.m = self.qc.shape[-1]
+        self.eps_c = torch.as_tensor(np.asarray(self.thresholds, np.float64), device=self.qr.device)
+        if self.eps_c.shape != (self.m,):
+            raise ValueError(f"{self.m} cost critics but {self.eps_c.numel()} thresholds")
+
+    def evaluate(self, theta: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Value, gradient [1+m], Hessian [1+m, 1+m] of g at theta = (eta, lambda_1..m), and the reduced sums."""
+        m = self.m
+        eta, lam = theta[0], theta[1:]
+        s = self.reduce(_state_sums(eta, lam, self.qr, self.qc))
+        b = s[0]
+        lme, ex, eqc = s[1] / b, s[2] / b, s[3 : 3 + m] / b
+        var_x, cov_xc = s[3 + m] / b, s[4 + m : 4 + 2 * m] / b
+        cov_cc = s[4 + 2 * m :].reshape(m, m) / b
+        value = eta * self.eps_kl + (lam * self.eps_c).sum() + eta * lme
+        grad = torch.cat([(self.eps_kl + lme - ex / eta)[None], self.eps_c - eqc])
+        hess = torch.empty(1 + m, 1 + m, dtype=theta.dtype, device=theta.device)
+        hess[0, 0] = var_x / eta**3
+        hess[0, 1:] = hess[1:, 0] = cov_xc / eta**2
+        hess[1:, 1:] = cov_cc / eta
+        return float(value), grad, hess, s
+
+    def value(self, theta: torch.Tensor) -> float:
+        return self.evaluate(theta)[0]
+
+
+@dataclasses.dataclass
+class DualSolution:
+    eta: float
+    lam: np.ndarray  # [m]
+    value: float
+    iterations: int
+    eta_at_bound: bool
+    lam_at_bound: np.ndarray  # [m] bool: lambda_i at its upper bound (the constraint looks infeasible)
+    expected_qc: np.ndarray  # [m] (1/B) sum_k E_q[Q_c]
+    kl: float  # (1/B) sum_k KL(q_k || U_N)
+
+
+def _solution(problem: DualProblem, theta: torch.Tensor, iters: int, bounds) -> DualSolution:
+    value, grad, _, _ = problem.evaluate(theta)
+    eta_lo, eta_hi, lam_hi = bounds
+    eta = float(theta[0])
+    lam = theta[1:].cpu().numpy().copy()
+    return DualSolution(
+        eta=eta,
+        lam=lam,
+        value=value,
+        iterations=iters,
+        eta_at_bound=bool(eta <= eta_lo * (1 + 1e-9) or eta >= eta_hi * (1 - 1e-9)),
+        lam_at_bound=lam >= lam_hi * (1 - 1e-9),
+        expected_qc=(problem.eps_c - grad[1:]).cpu().numpy(),
+        kl=float(problem.eps_kl - grad[0]),
+    )
+
+
+def solve_dual_newton(
+    problem: DualProblem,
+    eta0: float,
+    lam0: Sequence[float],
+    *,
+    eta_min: float = 1e-6,
+    eta_max: float = 1e4,
+    lam_max: float = 1e3,
+    tol: float = 1e-20,
+    max_iter: int = 100,
+) -> DualSolution:
+    """Projected, damped Newton on g over [eta_min, eta_max] x [0, lam_max]^m, warm-started at (eta0, lam0).
+
+    Variables sitting at a bound with the gradient pushing outwards are held fixed (projected Newton); the Newton
+    step on the rest is damped by an Armijo backtracking line search along the projected path. Stops when the
+    Newton decrement falls below ``tol * (1 + |g|)``. Every learner runs the same iterations on the same reduced sums.
+    """
+    dev = problem.qr.device
+    lo = torch.tensor([eta_min] + [0.0] * problem.m, dtype=torch.float64, device=dev)
+    hi = torch.tensor([eta_max] + [lam_max] * problem.m, dtype=torch.float64, device=dev)
+    theta = torch.tensor([eta0, *lam0], dtype=torch.float64, device=dev).clamp(lo, hi)
+    value, grad, hess, _ = problem.evaluate(theta)
+    iters = 0
+    for iters in range(1, max_iter + 1):
+        pinned = ((theta <= lo) & (grad > 0)) | ((theta >= hi) & (grad < 0))
+        free = ~pinned
+        if not bool(free.any()):
+            break
+        hf = hess[free][:, free]
+        hf = hf + torch.eye(hf.shape[0], dtype=hf.dtype, device=dev) * (1e-12 * (1.0 + hf.diagonal().abs().max()))
+        step = torch.zeros_like(theta)
+        step[free] = -torch.linalg.solve(hf, grad[free])
+        decrement = float(-(grad[free] * step[free]).sum())
+        if decrement <= tol * (1.0 + abs(value)):
+            break
+        pg = float(grad[free].abs().max())
+        t = 1.0
+        while True:
+            cand = (theta + t * step).clamp(lo, hi)
+            cand_value, cand_grad, cand_hess, _ = problem.evaluate(cand)
+            if cand_value <= value + 1e-4 * float((grad * (cand - theta)).sum()):
+                break
+            # Near the optimum the decrease falls below float64 noise in g: accept a step that shrinks the gradient.
+            if abs(cand_value - value) <= 1e-13 * (1.0 + abs(value)) and float(cand_grad[free].abs().max()) < pg:
+                break
+            t *= 0.5
+            if t < 1e-12:
+                break
+        if t < 1e-12:  # no progress possible at float64 precision: we are at the optimum
+            break
+        moved = float((cand - theta).abs().max())
+        theta, value, grad, hess = cand, cand_value, cand_grad, cand_hess
+        if moved <= 1e-15 * (1.0 + float(theta.abs().max())):
+            break
+    return _solution(problem, theta, iters, (eta_min, eta_max, lam_max))
+
+
+def solve_dual_cvxpy(
+    problem: DualProblem,
+    *,
+    eta_min: float = 1e-6,
+    eta_max: float = 1e4,
+    lam_max: float = 1e3,
+) -> DualSolution:
+    """The reference solver: the dual as an exponential-cone program (Clarabel).
+
+    t_k >= eta * log mean_j exp(x_kj / eta)  <=>  (x_kj - t_k, eta, u_kj) in K_exp and (1/N) sum_j u_kj <= eta.
+    About a second per solve: for tests and validation. Sharded batches are not supported (``reduce`` is ignored).
+    """
+    import cvxpy as cp
+
+    qr = problem.qr.cpu().numpy()
+    qc = problem.qc.cpu().numpy()
+    b, n = qr.shape
+    m = problem.m
+    eta, lam = cp.Variable(), cp.Variable(m)
+    t, u = cp.Variable(b), cp.Variable((b, n))
+    x = qr - sum(lam[i] * qc[:, :, i] for i in range(m))
+    constraints = [
+        cp.constraints.ExpCone(x - t[:, None] @ np.ones((1, n)), eta * np.ones((b, n)), u),
+        cp.sum(u, axis=1) / n <= eta,
+        eta >= eta_min,
+        eta <= eta_max,
+        lam >= 0,
+        lam <= lam_max,
+    ]
+    objective = eta * problem.eps_kl + lam @ problem.eps_c.cpu().numpy() + cp.sum(t) / b
+    cp.Problem(cp.Minimize(objective), constraints).solve(
+        solver=cp.CLARABEL, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, tol_ktratio=1e-9, max_iter=500
+    )
+    if eta.value is None:
+        raise RuntimeError("cvxpy did not solve the E-step dual")
+    theta = torch.tensor([float(eta.value), *np.clip(lam.value, 0.0, lam_max)], dtype=torch.float64)
+    theta[0] = theta[0].clamp(eta_min, eta_max)
+    return _solution(problem, theta.to(problem.qr.device), 0, (eta_min, eta_max, lam_max))
+
+
+def variational_weights(qr: torch.Tensor, qc: torch.Tensor, eta: float, lam: Sequence[float]) -> torch.Tensor:
+    """q_kj = softmax_j((Q^r_kj - sum_i lambda_i Q^c_ikj) / eta), normalised over the N samples of each state."""
+    if qc.dim() == 2:
+        qc = qc[..., None]
+    lam_t = torch.as_tensor(np.asarray(lam, np.float64), dtype=qr.dtype, device=qr.device)
+    return torch.softmax((qr - (qc * lam_t).sum(-1)) / eta, dim=1)

@@ -1,0 +1,236 @@
+"""CVPO's learner: per minibatch, one critic step, the E-step (exact dual) and M weighted-MLE steps of the M-step."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.core.learner.utils import update_target_network
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+from rllib_cvpo.cvpo import estep
+from rllib_cvpo.cvpo.mstep import kl_mean_and_std, weighted_mle_loss
+from rllib_cvpo.cvpo.replay import COSTS
+
+CVPO_STATE = "cvpo_state"
+
+
+class CVPOTorchLearner(TorchLearner):
+    """Runs CVPO's update in :meth:`_update` (RLlib's forward/loss/gradient split cannot express an E-step between a
+    critic step and M policy steps).
+
+    State beyond RLlib's (weights and optimizers): per module the E-step duals (eta, lambda), the M-step KL
+    multipliers (alpha_mu, alpha_sigma) and the update counter; :meth:`get_state` / :meth:`set_state` checkpoint it.
+
+    With several learners, RLlib's DDP wrapper only all-reduces gradients of ``forward_train`` calls, and CVPO calls
+    its sub-networks directly. So modules are not wrapped: initial weights are broadcast from rank 0, gradients are
+    all-reduced explicitly, and the E-step dual is solved on all-reduced per-state sums, which makes every learner
+    solve the dual of the global batch. The KL values that drive alpha are all-reduced too, so duals stay identical.
+    """
+
+    @override(TorchLearner)
+    def build(self) -> None:
+        super().build()
+        self._world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for module in self.module._rl_modules.values():
+            if self._world > 1:
+                with torch.no_grad():
+                    for t in list(module.parameters()) + list(module.buffers()):
+                        dist.broadcast(t.data, src=0)
+            module.make_target_networks()
+        self._cvpo: Dict[str, Dict[str, Any]] = {}
+        for mid in self.module.keys():
+            cfg = self.config.get_config_for_module(mid)
+            self._cvpo[mid] = {
+                "eta": float(cfg.eta_init),
+                "lam": np.full(len(cfg.cost_keys), float(cfg.lambda_init)),
+                "alpha_mu": 0.0,
+                "alpha_sigma": 0.0,
+                "num_updates": 0,
+            }
+        self._env_steps = 0
+
+    @override(TorchLearner)
+    def _make_modules_ddp_if_necessary(self) -> None:
+        """No DDP wrapper: gradients are all-reduced explicitly in :meth:`_step` (see the class docstring)."""
+
+    @override(TorchLearner)
+    def configure_optimizers_for_module(self, module_id: str, config=None) -> None:
+        module = self.module[module_id]
+        critic_params = list(module.critics.parameters())
+        self.register_optimizer(
+            module_id=module_id,
+            optimizer_name="critic",
+            optimizer=torch.optim.Adam(critic_params),
+            params=critic_params,
+            lr_or_lr_schedule=config.critic_lr,
+        )
+        pi_params = list(module.pi.parameters())
+        self.register_optimizer(
+            module_id=module_id,
+            optimizer_name="policy",
+            optimizer=torch.optim.Adam(pi_params),
+            params=pi_params,
+            lr_or_lr_schedule=config.actor_lr,
+        )
+
+    def compute_loss_for_module(self, **kwargs): raise NotImplementedError("CVPO computes its losses in _update()")
+
+    @override(TorchLearner)
+    def before_gradient_based_update(self, *, timesteps: Dict[str, Any]) -> None:
+        super().before_gradient_based_update(timesteps=timesteps)
+        self._env_steps = int(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, self._env_steps) or 0)
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+    def _allreduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self._world > 1:
+            x = x.clone()
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    def _global_mean(self, x: torch.Tensor) -> float:
+        if self._world == 1:
+            return float(x.mean())
+        s = self._allreduce_sum(torch.stack([x.sum().double(), torch.tensor(float(x.numel()), dtype=torch.float64)]))
+        return float(s[0] / s[1])
+
+    def _step(self, module_id: str, name: str, loss: torch.Tensor, grad_clip: float | None = None) -> None:
+        optim = self.get_optimizer(module_id, name)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in optim.param_groups for p in group["params"] if p.grad is not None]
+        if self._world > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= self._world
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optim.step()
+
+    # -- the update ------------------------------------------------------------------------------------------------
+    @override(TorchLearner)
+    def _update(self, batch: Dict[str, Any], **kwargs) -> Tuple[Any, Any, Any]:
+        losses = {}
+        for module_id, module_batch in batch.items():
+            cfg = self.config.get_config_for_module(module_id)
+            losses[module_id] = self._update_module(module_id, self.module[module_id].unwrapped(), cfg, module_batch)
+        return {}, losses, {}
+
+    def _update_module(self, mid: str, module, cfg, b) -> torch.Tensor:
+        state = self._cvpo[mid]
+        obs, actions = b[Columns.OBS], b[Columns.ACTIONS]
+        rewards, costs = b[Columns.REWARDS].float(), b[COSTS].float().reshape(obs.shape[0], -1)
+        next_obs, not_done = b[Columns.NEXT_OBS], 1.0 - b[Columns.TERMINATEDS].float()
+        batch_size, m, n = obs.shape[0], costs.shape[1], cfg.num_action_samples
+        t0 = time.perf_counter()
+
+        # Critics: one TD step. Bootstrap unless the episode terminated (a truncation still bootstraps), for the
+        # reward and the cost alike; the next action is drawn from the current policy.
+        with torch.no_grad():
+            mean_n, std_n = module.policy(next_obs)
+            a_next = torch.tanh(mean_n + std_n * torch.randn_like(mean_n))
+            tqr, tqc = module.q_values(next_obs, a_next, target=True)
+            y_r = rewards + cfg.gamma * not_done * tqr.min(0).values
+            y_c = costs.t() + cfg.gamma * not_done * tqc
+        qr, qc = module.q_values(obs, actions)
+        loss_qr = ((qr - y_r) ** 2).mean(1).sum()
+        loss_qc = ((qc - y_c) ** 2).mean(1).sum()
+        self._step(mid, "critic", loss_qr + loss_qc)
+        t1 = time.perf_counter()
+
+        # E-step: N actions per state from pi_old, all critics on all B*N of them in one forward, exact dual.
+        with torch.no_grad():
+            mean_o, std_o = module.policy(obs, module.pi_old)
+            u = mean_o + std_o * torch.randn(n, *mean_o.shape, dtype=mean_o.dtype, device=mean_o.device)
+            obs_rep = obs.reshape(batch_size, -1).unsqueeze(0).expand(n, -1, -1).reshape(n * batch_size, -1)
+            eqr, eqc = module.q_values(obs_rep, torch.tanh(u).reshape(n * batch_size, -1), target=True)
+            qr_s = eqr.min(0).values.reshape(n, batch_size).t()
+            qc_s = eqc.reshape(m, n, batch_size).permute(2, 1, 0)
+            thresholds = cfg.qc_thresholds(self._env_steps)
+            problem = estep.DualProblem(qr_s, qc_s, cfg.estep_kl, thresholds, reduce=self._allreduce_sum)
+            bounds = dict(eta_min=cfg.eta_min, eta_max=cfg.eta_max, lam_max=cfg.lambda_max)
+            if cfg.estep_solver == "cvxpy" and self._world == 1:
+                sol = estep.solve_dual_cvxpy(problem, **bounds)
+            else:
+                sol = estep.solve_dual_newton(problem, state["eta"], state["lam"], **bounds)
+            state["eta"], state["lam"] = sol.eta, sol.lam
+            weights = estep.variational_weights(qr_s, qc_s, sol.eta, sol.lam).to(mean_o.dtype)
+        t2 = time.perf_counter()
+
+        # M-step: weighted MLE inside decoupled KL trust regions; alpha by projected dual ascent before each step.
+        for _ in range(cfg.mstep_iterations):
+            mean, std = module.policy(obs)
+            loss_mle = weighted_mle_loss(u, weights, mean_o, std_o, mean, std)
+            kl_mu, kl_sigma = kl_mean_and_std(mean_o, std_o, mean, std)
+            c_mu, c_sigma = kl_mu.mean(), kl_sigma.mean()
+            g_mu, g_sigma = self._global_mean(kl_mu.detach()), self._global_mean(kl_sigma.detach())
+            state["alpha_mu"] = float(np.clip(state["alpha_mu"] + cfg.alpha_mean_step * (g_mu - cfg.kl_mean), 0.0,
+                                              cfg.alpha_mean_max))
+            state["alpha_sigma"] = float(np.clip(
+                state["alpha_sigma"] + cfg.alpha_std_step * (g_sigma - cfg.kl_std), 0.0, cfg.alpha_std_max))
+            loss_pi = loss_mle + state["alpha_mu"] * c_mu + state["alpha_sigma"] * c_sigma
+            self._step(mid, "policy", loss_pi, cfg.actor_grad_clip)
+        t3 = time.perf_counter()
+
+        update_target_network(main_net=module.critics, target_net=module.target_critics, tau=cfg.tau)
+        update_target_network(main_net=module.pi, target_net=module.pi_old, tau=cfg.tau_policy)
+        state["num_updates"] += 1
+
+        metrics = {
+            "critic_loss_reward": float(loss_qr),
+            "critic_loss_cost": float(loss_qc),
+            "q_reward": float(qr.mean()),
+            "mstep_loss": float(loss_mle),
+            "eta": sol.eta,
+            "alpha_mu": state["alpha_mu"],
+            "alpha_sigma": state["alpha_sigma"],
+            "kl_mu": g_mu,
+            "kl_sigma": g_sigma,
+            "estep_kl": sol.kl,
+            "estep_iterations": sol.iterations,
+            "dual_at_bound": float(sol.eta_at_bound or bool(sol.lam_at_bound.any())),
+            "policy_std": float(std.mean()),
+            "time_critic_s": t1 - t0,
+            "time_estep_s": t2 - t1,
+            "time_mstep_s": t3 - t2,
+            "num_cvpo_updates": state["num_updates"],
+        }
+        for i, key in enumerate(cfg.cost_keys):
+            suffix = "" if m == 1 else f"_{key}"
+            metrics[f"lambda{suffix}"] = float(sol.lam[i])
+            metrics[f"estep_qc{suffix}"] = float(sol.expected_qc[i])
+            metrics[f"qc_threshold{suffix}"] = float(thresholds[i])
+            metrics[f"q_cost{suffix}"] = float(qc[i].mean())
+        self.metrics.log_dict(metrics, key=mid, window=1)
+        return (loss_qr + loss_qc + loss_pi).detach()
+
+    # -- checkpointing ---------------------------------------------------------------------------------------------
+    @override(TorchLearner)
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> Dict[str, Any]:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        state[CVPO_STATE] = {
+            mid: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+            for mid, s in self._cvpo.items()
+        }
+        state[CVPO_STATE]["__env_steps__"] = self._env_steps
+        return state
+
+    @override(TorchLearner)
+    def set_state(self, state: Dict[str, Any]) -> None:
+        super().set_state(state)
+        if CVPO_STATE in state:
+            saved = dict(state[CVPO_STATE])
+            self._env_steps = int(saved.pop("__env_steps__", 0))
+            for mid, s in saved.items():
+                self._cvpo[mid] = {k: (np.array(v) if k == "lam" else v) for k, v in s.items()}

@@ -1,0 +1,142 @@
+"""CVPO's networks: a tanh-squashed diagonal Gaussian policy, and all critics (reward and cost) in one ensemble."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence, Tuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.distribution.torch.torch_distribution import TorchDeterministic, TorchSquashedGaussian
+from ray.rllib.core.learner.utils import make_target_network
+from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, TargetNetworkAPI
+from ray.rllib.core.rl_module.rl_module import RLModule
+from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.numpy import MAX_LOG_NN_OUTPUT, MIN_LOG_NN_OUTPUT
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
+
+
+class SquashedGaussian(TorchSquashedGaussian):
+    """RLlib's squashed Gaussian whose deterministic action is tanh(mean), not the raw mean (ray#51544)."""
+
+    def to_deterministic(self) -> TorchDeterministic:
+        return TorchDeterministic(loc=self._squash(self.loc))
+
+
+def mlp(sizes: Sequence[int], activation: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied in one batched matmul: [E, M, in] -> [E, M, out]."""
+
+    def __init__(self, members: int, fan_in: int, fan_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(members, fan_in, fan_out))
+        self.bias = nn.Parameter(torch.empty(members, 1, fan_out))
+        bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation, per member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class CriticEnsemble(nn.Module):
+    """Q(s, a) for E critics at once. Input [M, obs + act] -> output [E, M]."""
+
+    def __init__(self, members: int, fan_in: int, hiddens: Sequence[int], activation: str) -> None:
+        super().__init__()
+        sizes = [fan_in, *hiddens, 1]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(EnsembleLinear(members, a, b))
+            if i < len(sizes) - 2:
+                layers.append(ACTIVATIONS[activation]())
+        self.net = nn.Sequential(*layers)
+        self.members = members
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, actions], dim=-1)
+        return self.net(x.unsqueeze(0).expand(self.members, *x.shape)).squeeze(-1)
+
+
+class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
+    """Policy ``pi`` (obs -> mean and log-std of a Gaussian squashed by tanh into [-1, 1]^d), and, on learners only,
+    ``critics`` = [reward Q (1, or 2 with twin_q), cost Q (one per constraint)], their Polyak targets
+    ``target_critics`` and the Polyak-averaged old policy ``pi_old`` that the E-step samples from.
+
+    model_config keys: ``fcnet_hiddens`` (default [256, 256]), ``fcnet_activation`` ("relu"), ``twin_q`` (True),
+    ``num_cost_critics`` (1).
+    """
+
+    framework: str = "torch"
+
+    @override(RLModule)
+    def setup(self) -> None:
+        cfg = dict(self.model_config or {})
+        if not isinstance(self.action_space, gym.spaces.Box):
+            raise ValueError(f"CVPO needs a continuous (Box) action space, got {self.action_space}")
+        self.obs_dim = int(np.prod(self.observation_space.shape))
+        self.act_dim = int(np.prod(self.action_space.shape))
+        hiddens = list(cfg.get("fcnet_hiddens", [256, 256]))
+        activation = cfg.get("fcnet_activation", "relu")
+        self.num_reward_critics = 2 if cfg.get("twin_q", True) else 1
+        self.num_cost_critics = int(cfg.get("num_cost_critics", 1))
+        self.pi = mlp([self.obs_dim, *hiddens, 2 * self.act_dim], activation)
+        if not self.inference_only:
+            self.critics = CriticEnsemble(
+                self.num_reward_critics + self.num_cost_critics, self.obs_dim + self.act_dim, hiddens, activation
+            )
+
+    def policy(self, obs: torch.Tensor, net: nn.Module | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pre-squash mean and std of the Gaussian for ``obs`` (by ``pi``, or ``net`` such as ``pi_old``)."""
+        mean, log_std = (net or self.pi)(obs.reshape(obs.shape[0], -1)).chunk(2, dim=-1)
+        return mean, log_std.clamp(MIN_LOG_NN_OUTPUT, MAX_LOG_NN_OUTPUT).exp()
+
+    def q_values(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False):
+        """(Q_r [n_r, M], Q_c [m, M]) for squashed actions in [-1, 1]."""
+        q = (self.target_critics if target else self.critics)(obs.reshape(obs.shape[0], -1), actions)
+        return q[: self.num_reward_critics], q[self.num_reward_critics :]
+
+    @override(RLModule)
+    def _forward(self, batch: Dict[str, Any], **kwargs) -> Dict[str, Any]:
+        mean, std = self.policy(batch[Columns.OBS])
+        return {Columns.ACTION_DIST_INPUTS: torch.cat([mean, std.log()], dim=-1)}
+
+    @override(TargetNetworkAPI)
+    def make_target_networks(self) -> None:
+        self.target_critics = make_target_network(self.critics)
+        self.pi_old = make_target_network(self.pi)
+
+    @override(TargetNetworkAPI)
+    def get_target_network_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        return [(self.critics, self.target_critics), (self.pi, self.pi_old)]
+
+    @override(TargetNetworkAPI)
+    def forward_target(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        mean, std = self.policy(batch[Columns.OBS], self.pi_old)
+        return {Columns.ACTION_DIST_INPUTS: torch.cat([mean, std.log()], dim=-1)}
+
+    @override(InferenceOnlyAPI)
+    def get_non_inference_attributes(self) -> List[str]:
+        return ["critics", "target_critics", "pi_old"]
+
+    def get_inference_action_dist_cls(self):
+        return SquashedGaussian
+
+    def get_exploration_action_dist_cls(self):
+        return SquashedGaussian
+
+    def get_train_action_dist_cls(self):
+        return SquashedGaussian

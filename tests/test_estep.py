@@ -1,0 +1,172 @@
+"""E-step: the dual, its derivatives, the Newton solver against cvxpy, and the variational weights."""
+
+import numpy as np
+import pytest
+import torch
+
+from rllib_cvpo.cvpo.estep import (
+    DualProblem,
+    qc_threshold,
+    solve_dual_cvxpy,
+    solve_dual_newton,
+    variational_weights,
+)
+
+
+def _batch(seed, b=64, n=16, m=1):
+    g = torch.Generator().manual_seed(seed)
+    qr = torch.randn(b, n, generator=g, dtype=torch.float64) * 3 + 10
+    qc = torch.rand(b, n, m, generator=g, dtype=torch.float64) * 2 + torch.rand(b, 1, m, generator=g, dtype=torch.float64)
+    return qr, qc
+
+
+def _close(a, b, rel=1e-4, abs_zero=1e-6):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    for x, y in zip(a.ravel(), b.ravel()):
+        if abs(y) < abs_zero or abs(x) < abs_zero:
+            assert abs(x - y) <= abs_zero, (x, y)
+        else:
+            assert abs(x - y) <= rel * abs(y), (x, y)
+
+
+def test_qc_threshold_matches_the_published_table():
+    assert qc_threshold(10, 0.99, 400) == pytest.approx(2.455, abs=1e-3)
+    assert qc_threshold(20, 0.99, 300) == pytest.approx(6.340, abs=1e-3)
+    assert qc_threshold(25, 0.995, 1000) == pytest.approx(4.967, abs=1e-3)
+    assert qc_threshold(25, 0.98, 1000) == pytest.approx(1.25, abs=1e-3)
+    assert qc_threshold(25, 1.0, 1000) == 25.0
+    with pytest.raises(ValueError, match="cost_limit must be >= 0, got -1"):
+        qc_threshold(-1, 0.99, 100)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dual_matches_cvxpy_on_random_batches_one_constraint(seed):
+    qr, qc = _batch(seed)
+    thr = [float(qc.mean()) * 0.9]  # active: the unconstrained q would cost more
+    p = DualProblem(qr, qc, 0.1, thr)
+    newton, ref = solve_dual_newton(p, 1.0, [0.0]), solve_dual_cvxpy(p)
+    assert newton.lam[0] > 0.1
+    _close([newton.eta, *newton.lam, newton.value], [ref.eta, *ref.lam, ref.value])
+    assert not newton.eta_at_bound and not newton.lam_at_bound.any()
+    # KKT: the active constraint holds with equality, and the KL bound is met.
+    assert newton.expected_qc[0] == pytest.approx(thr[0], rel=1e-6)
+    assert newton.kl == pytest.approx(0.1, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dual_matches_cvxpy_two_constraints_one_inactive(seed):
+    qr, qc = _batch(100 + seed, m=2)
+    thr = [float(qc[..., 0].mean()) * 0.9, float(qc[..., 1].mean()) * 3]  # the second cannot bind
+    p = DualProblem(qr, qc, 0.05, thr)
+    newton, ref = solve_dual_newton(p, 1.0, [0.0, 0.0]), solve_dual_cvxpy(p)
+    _close([newton.eta, *newton.lam, newton.value], [ref.eta, *ref.lam, ref.value])
+    assert newton.lam[1] == 0.0 and newton.lam[0] > 0
+
+
+def test_dual_matches_cvxpy_two_active_constraints():
+    qr, qc = _batch(7, m=2)
+    thr = [float(qc[..., 0].mean()) * 0.93, float(qc[..., 1].mean()) * 0.93]
+    p = DualProblem(qr, qc, 0.1, thr)
+    newton, ref = solve_dual_newton(p, 1.0, [0.0, 0.0]), solve_dual_cvxpy(p)
+    _close([newton.eta, *newton.lam, newton.value], [ref.eta, *ref.lam, ref.value])
+    assert (newton.lam > 0).all()
+
+
+def test_inactive_constraint_gives_zero_lambda():
+    qr, qc = _batch(3)
+    p = DualProblem(qr, qc, 0.1, [float(qc.max()) + 1.0])
+    newton, ref = solve_dual_newton(p, 2.0, [5.0]), solve_dual_cvxpy(p)
+    assert newton.lam[0] == 0.0
+    _close([newton.eta, newton.lam[0], newton.value], [ref.eta, ref.lam[0], ref.value])
+
+
+def test_infeasible_constraint_puts_lambda_at_its_bound_and_flags_it():
+    qr, qc = _batch(4)
+    thr = [float(qc.min(dim=1).values.mean()) * 0.5]  # below the cheapest action of every state
+    p = DualProblem(qr, qc, 0.1, thr)
+    newton, ref = solve_dual_newton(p, 1.0, [0.0], lam_max=100.0), solve_dual_cvxpy(p, lam_max=100.0)
+    assert newton.lam[0] == 100.0 and newton.lam_at_bound.all()
+    _close([newton.eta, newton.lam[0], newton.value], [ref.eta, ref.lam[0], ref.value])
+
+
+def test_warm_start_converges_in_few_iterations_to_the_same_point():
+    qr, qc = _batch(5)
+    p = DualProblem(qr, qc, 0.1, [float(qc.mean()) * 0.9])
+    cold = solve_dual_newton(p, 1.0, [0.0])
+    warm = solve_dual_newton(p, cold.eta * 1.2, cold.lam * 0.8)
+    assert warm.iterations < cold.iterations
+    _close([warm.eta, *warm.lam], [cold.eta, *cold.lam], rel=1e-8)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_dual_gradient_and_hessian_match_finite_differences(m):
+    qr, qc = _batch(11, m=m)
+    p = DualProblem(qr, qc, 0.1, [float(qc[..., i].mean()) for i in range(m)])
+    theta = torch.tensor([1.7] + [0.6] * m, dtype=torch.float64)
+    _, grad, hess, _ = p.evaluate(theta)
+    h = 1e-6
+    for i in range(1 + m):
+        e = torch.zeros_like(theta)
+        e[i] = h
+        fd = (p.value(theta + e) - p.value(theta - e)) / (2 * h)
+        assert grad[i].item() == pytest.approx(fd, rel=1e-6, abs=1e-8)
+        g_plus, g_minus = p.evaluate(theta + e)[1], p.evaluate(theta - e)[1]
+        np.testing.assert_allclose(hess[i].numpy(), ((g_plus - g_minus) / (2 * h)).numpy(), rtol=1e-5, atol=1e-7)
+    assert torch.linalg.eigvalsh(hess).min() >= -1e-12  # convex
+
+
+def test_sharded_dual_with_summed_sums_equals_the_full_batch_dual():
+    qr, qc = _batch(12, b=64)
+    thr = [float(qc.mean()) * 0.9]
+    full = solve_dual_newton(DualProblem(qr, qc, 0.1, thr), 1.0, [0.0])
+    # Two "learners" each holding half: reduce = add the other half's sums (what all_reduce(SUM) does).
+    halves = [(qr[:32], qc[:32]), (qr[32:], qc[32:])]
+    from rllib_cvpo.cvpo.estep import _state_sums
+
+    def reduce_for(other):
+        def reduce(local):
+            theta_sums = local  # the other shard's sums at the same theta are needed: recompute them here
+            return theta_sums + _other_sums[0]
+        return reduce
+
+    # Emulate all_reduce exactly: evaluate both shards at the same theta and add.
+    class Pair:
+        def __init__(self):
+            self.p0 = DualProblem(*halves[0], 0.1, thr)
+            self.p1 = DualProblem(*halves[1], 0.1, thr)
+
+    pair = Pair()
+    _other_sums = [None]
+
+    def reduce0(local):
+        theta = pair.theta
+        return local + _state_sums(theta[0], theta[1:], pair.p1.qr, pair.p1.qc)
+
+    orig_eval = pair.p0.evaluate
+
+    def evaluate(theta):
+        pair.theta = theta
+        return orig_eval(theta)
+
+    pair.p0.reduce = reduce0
+    pair.p0.evaluate = evaluate
+    pair.p0.value = lambda theta: evaluate(theta)[0]
+    sharded = solve_dual_newton(pair.p0, 1.0, [0.0])
+    _close([sharded.eta, *sharded.lam, sharded.value], [full.eta, *full.lam, full.value], rel=1e-10)
+    # Averaging per-shard solutions is not the same thing.
+    s0 = solve_dual_newton(DualProblem(*halves[0], 0.1, thr), 1.0, [0.0])
+    s1 = solve_dual_newton(DualProblem(*halves[1], 0.1, thr), 1.0, [0.0])
+    assert abs((s0.lam[0] + s1.lam[0]) / 2 - full.lam[0]) > 1e-6
+
+
+def test_variational_weights_are_normalised_per_state_and_follow_the_closed_form():
+    qr, qc = _batch(13, m=2)
+    w = variational_weights(qr, qc, 0.7, [0.3, 1.1])
+    assert w.shape == qr.shape and (w >= 0).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(qr.shape[0], dtype=torch.float64))
+    x = qr - 0.3 * qc[..., 0] - 1.1 * qc[..., 1]
+    expected = torch.exp(x / 0.7) / torch.exp(x / 0.7).sum(1, keepdim=True)
+    torch.testing.assert_close(w, expected)
+    # Tiny eta: one-hot on the best sample; no NaN.
+    w0 = variational_weights(qr, qc, 1e-6, [0.3, 1.1])
+    assert torch.isfinite(w0).all() and (w0.max(1).values > 0.999).all()
