@@ -188,10 +188,10 @@ class CVPOTorchLearner(TorchLearner):
         state["num_updates"] += 1
 
         metrics = {
-            "critic_loss_reward": float(loss_qr),
-            "critic_loss_cost": float(loss_qc),
-            "q_reward": float(qr.mean()),
-            "mstep_loss": float(loss_mle),
+            "critic_loss_reward": float(loss_qr.detach()),
+            "critic_loss_cost": float(loss_qc.detach()),
+            "q_reward": float(qr.detach().mean()),
+            "mstep_loss": float(loss_mle.detach()),
             "eta": sol.eta,
             "alpha_mu": state["alpha_mu"],
             "alpha_sigma": state["alpha_sigma"],
@@ -200,7 +200,7 @@ class CVPOTorchLearner(TorchLearner):
             "estep_kl": sol.kl,
             "estep_iterations": sol.iterations,
             "dual_at_bound": float(sol.eta_at_bound or bool(sol.lam_at_bound.any())),
-            "policy_std": float(std.mean()),
+            "policy_std": float(std.detach().mean()),
             "time_critic_s": t1 - t0,
             "time_estep_s": t2 - t1,
             "time_mstep_s": t3 - t2,
@@ -211,7 +211,7 @@ class CVPOTorchLearner(TorchLearner):
             metrics[f"lambda{suffix}"] = float(sol.lam[i])
             metrics[f"estep_qc{suffix}"] = float(sol.expected_qc[i])
             metrics[f"qc_threshold{suffix}"] = float(thresholds[i])
-            metrics[f"q_cost{suffix}"] = float(qc[i].mean())
+            metrics[f"q_cost{suffix}"] = float(qc[i].detach().mean())
         self.metrics.log_dict(metrics, key=mid, window=1)
         return (loss_qr + loss_qc + loss_pi).detach()
 

@@ -1,0 +1,161 @@
+"""CVPO as an RLlib algorithm: configuration, cost plumbing, checkpoints, a remote EnvRunner on safety-gymnasium."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rllib_cvpo import CVPO, CVPOConfig
+from rllib_cvpo.cvpo.replay import COSTS
+
+
+def small_config(env="SpeedLimit-v0", **training):
+    base = dict(cost_limit=25.0, gamma=0.97, num_steps_sampled_before_learning_starts=400,
+                updates_per_env_step=0.25, train_batch_size_per_learner=64, num_action_samples=8)
+    base.update(training)
+    return (
+        CVPOConfig()
+        .environment(env)
+        .env_runners(num_env_runners=0, rollout_fragment_length=50)
+        .learners(num_learners=0)
+        .training(**base)
+        .reporting(min_sample_timesteps_per_iteration=400, min_time_s_per_iteration=0)
+        .evaluation(evaluation_interval=1, evaluation_duration=1)
+        .rl_module(model_config={"fcnet_hiddens": [32, 32]})
+        .debugging(seed=0)
+    )
+
+
+@pytest.mark.parametrize(
+    "training, message",
+    [
+        (dict(cost_limit=-1.0), "cost_limit for 'cost' must be a number >= 0, got -1.0"),
+        (dict(cost_limit="high"), "cost_limit for 'cost' must be a number >= 0, got 'high'"),
+        (dict(cost_limit={"cost_hazards": 5.0, "cost_vases": -2}), "cost_limit for 'cost_vases'"),
+        (dict(estep_kl=0.0), "estep_kl must be > 0.0, got 0.0"),
+        (dict(num_action_samples=1), "num_action_samples must be an integer >= 2, got 1"),
+        (dict(estep_solver="lbfgs"), "estep_solver must be 'newton' or 'cvxpy', got 'lbfgs'"),
+        (dict(tau=1.5), "tau must be <= 1.0, got 1.5"),
+        (dict(gamma=float("nan")), "gamma must be a finite number, got nan"),
+        (dict(mstep_iterations=0), "mstep_iterations must be an integer >= 1, got 0"),
+        (dict(replay_capacity=10), "replay_capacity must be an integer >= train_batch_size_per_learner"),
+        (dict(cost_limit=10.0, cost_limit_start=5.0), "cost_limit_start for 'cost' must be a number >= its cost_limit"),
+        (dict(episode_len=0), "episode_len must be a positive integer or None, got 0"),
+    ],
+)
+def test_validate_rejects_bad_settings_naming_them(training, message):
+    config = small_config(**training)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.validate()
+
+
+def test_unknown_env_is_rejected_with_suggestions():
+    from rllib_cvpo.envs import UnknownEnvError
+
+    with pytest.raises(UnknownEnvError, match="SafetyPointGoal1-v0"):
+        CVPOConfig().environment("SafetyPointGoa1-v0")
+
+
+def test_thresholds_come_from_the_episodic_limit_once_and_anneal():
+    config = small_config(cost_limit=25.0, gamma=0.99, cost_limit_start=100.0, cost_limit_anneal_steps=1000)
+    assert config.horizon == 200
+    final = 25.0 * (1 - 0.99**200) / (0.01 * 200)
+    assert config.qc_thresholds(10_000) == [pytest.approx(final)]
+    start = config.qc_thresholds(0)[0]
+    assert start == pytest.approx(4 * final)
+    assert final < config.qc_thresholds(500)[0] < start
+    multi = small_config(cost_limit={"a": 10.0, "b": 20.0})
+    assert multi.cost_keys == ["a", "b"] and multi.qc_thresholds()[1] == pytest.approx(2 * multi.qc_thresholds()[0])
+
+
+def test_each_transition_is_trained_with_its_own_cost(ray_local):
+    """SpeedLimit's step cost is k * v^2, a function of (s_t, a_t) alone. With gamma = 0 the cost critic must learn
+    exactly that function; a cost taken from a neighbouring step would be unpredictable from (s_t, a_t)."""
+    algo = small_config(gamma=0.0, updates_per_env_step=1.0, num_steps_sampled_before_learning_starts=1000,
+                        critic_lr=3e-3).rl_module(model_config={"fcnet_hiddens": [64, 64]}).build_algo()
+    try:
+        for _ in range(4):
+            algo.train()
+        batch = algo.replay.sample(2000)
+        obs, act, cost = batch["obs"], batch["actions"], batch[COSTS][:, 0]
+        expected = obs[:, 0] * ((act[:, 0] + 1) / 2) ** 2
+        np.testing.assert_allclose(cost, expected, rtol=1e-5, atol=1e-6)  # each row stores its own step's cost
+        module = algo.learner_group._learner.module["default_policy"]
+        with torch.no_grad():
+            _, qc = module.q_values(torch.as_tensor(obs), torch.as_tensor(act))
+        pred = qc[0].numpy()
+        assert np.corrcoef(pred, expected)[0, 1] > 0.97
+        assert np.mean(np.abs(pred - expected)) < 0.1 * np.mean(expected)
+    finally:
+        algo.stop()
+
+
+def _learner_state(algo):
+    learner = algo.learner_group._learner
+    module = learner.module["default_policy"]
+    weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    optim = {name: opt.state_dict() for name, opt in learner.get_optimizers_for_module("default_policy")}
+    duals = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in learner._cvpo["default_policy"].items()}
+    return weights, optim, duals
+
+
+def test_save_restore_and_continue(ray_local, tmp_path):
+    algo = small_config().build_algo()
+    try:
+        for _ in range(3):
+            result = algo.train()
+        steps = result["num_env_steps_sampled_lifetime"]
+        assert math.isfinite(result["learners"]["default_policy"]["eta"])
+        weights, optim, duals = _learner_state(algo)
+        assert duals["num_updates"] > 0 and duals["alpha_mu"] >= 0
+        buffer_len, buffer_sample = len(algo.replay), algo.replay._data["obs"][: len(algo.replay)].copy()
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+    finally:
+        algo.stop()
+
+    restored = CVPO.from_checkpoint(path)
+    try:
+        r_weights, r_optim, r_duals = _learner_state(restored)
+        assert weights.keys() == r_weights.keys()
+        for k in weights:
+            torch.testing.assert_close(weights[k], r_weights[k], rtol=0, atol=0)
+        assert duals.keys() == r_duals.keys()
+        for k in duals:
+            np.testing.assert_array_equal(duals[k], r_duals[k])
+        for name in optim:
+            a, b = optim[name]["state"], r_optim[name]["state"]
+            assert a.keys() == b.keys()
+            for i in a:
+                torch.testing.assert_close(a[i]["exp_avg"], b[i]["exp_avg"], rtol=0, atol=0)
+                assert float(a[i]["step"]) == float(b[i]["step"])
+        assert len(restored.replay) == buffer_len
+        np.testing.assert_array_equal(restored.replay._data["obs"][:buffer_len], buffer_sample)
+        result = restored.train()
+        assert result["num_env_steps_sampled_lifetime"] >= steps + 400
+        assert restored.learner_group._learner._cvpo["default_policy"]["num_updates"] > duals["num_updates"]
+    finally:
+        restored.stop()
+
+
+def test_two_iterations_on_safety_point_goal_with_a_remote_env_runner(ray_local):
+    config = (
+        small_config("SafetyPointGoal1-v0", num_steps_sampled_before_learning_starts=500)
+        .env_runners(num_env_runners=1, create_local_env_runner=False, rollout_fragment_length=100)
+        .reporting(min_sample_timesteps_per_iteration=1000)
+        .evaluation(evaluation_interval=1, evaluation_duration=1, evaluation_num_env_runners=0)
+    )
+    algo = config.build_algo()
+    try:
+        for _ in range(2):
+            result = algo.train()
+        runners = result["env_runners"]
+        learner = result["learners"]["default_policy"]
+        assert result["num_env_steps_sampled_lifetime"] >= 2000
+        for value in (runners["episode_return_mean"], runners["episode_cost"], learner["eta"], learner["lambda"]):
+            assert math.isfinite(value)
+        assert learner["eta"] > 0 and learner["lambda"] >= 0
+        evaluation = result["evaluation"]["env_runners"]
+        assert math.isfinite(evaluation["episode_return_mean"]) and math.isfinite(evaluation["episode_cost"])
+    finally:
+        algo.stop()

@@ -1,0 +1,61 @@
+"""CVPO learns the built-in constrained task: near the constrained optimum, within the limit, on fixed seeds.
+
+Deterministic: a local EnvRunner, the learner in-process, one torch thread, fixed seeds, min_time_s_per_iteration=0.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from rllib_cvpo import CVPOConfig
+from rllib_cvpo.cvpo.evaluate import evaluate_module
+from rllib_cvpo.envs import constrained_optimum
+
+LIMIT = 25.0
+ENV_STEPS = 20_000
+
+
+def learning_config(seed, cost_limit=LIMIT):
+    return (
+        CVPOConfig()
+        .environment("SpeedLimit-v0")
+        .env_runners(num_env_runners=0, rollout_fragment_length=50)
+        .learners(num_learners=0)
+        .training(cost_limit=cost_limit, gamma=0.97, num_steps_sampled_before_learning_starts=1000,
+                  updates_per_env_step=0.5)
+        .reporting(min_sample_timesteps_per_iteration=1000, min_time_s_per_iteration=0)
+        .evaluation(evaluation_interval=None)
+        .rl_module(model_config={"fcnet_hiddens": [64, 64]})
+        .debugging(seed=seed)
+    )
+
+
+def train_and_evaluate(config, env_steps):
+    torch.set_num_threads(1)
+    algo = config.build_algo()
+    try:
+        while algo.train()["num_env_steps_sampled_lifetime"] < env_steps:
+            pass
+        module = algo.env_runner.module
+        returns, costs = evaluate_module(module, "SpeedLimit-v0", episodes=20)
+    finally:
+        algo.stop()
+    return returns.mean(), costs.mean()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cvpo_reaches_the_constrained_optimum_within_the_limit(ray_local, seed):
+    ret, cost = train_and_evaluate(learning_config(seed), ENV_STEPS)
+    optimum = constrained_optimum(LIMIT)
+    print(f"seed {seed}: deterministic return {ret:.2f} (optimum {optimum:.2f}), cost {cost:.2f} (limit {LIMIT})")
+    assert cost <= 1.1 * LIMIT
+    assert ret >= 0.8 * optimum
+
+
+@pytest.mark.slow
+def test_with_the_limit_lifted_the_same_configuration_exceeds_the_old_limit(ray_local):
+    ret, cost = train_and_evaluate(learning_config(0, cost_limit=1000.0), 6_000)
+    print(f"limit lifted: deterministic return {ret:.2f}, cost {cost:.2f}")
+    assert cost > 2 * LIMIT
+    assert ret > constrained_optimum(LIMIT)
