@@ -85,3 +85,14 @@ def test_fix8_offscreen_rendering_is_sized_and_headless(sg):
     frame = env.render()
     model = env.unwrapped.task.model
     assert frame.shape == (model.vis.global_.offheight, model.vis.global_.offwidth, 3)
+
+
+def test_missing_safety_gymnasium_error_gives_the_install_command(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(compat, "_module", None)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "safety_gymnasium" else real_find_spec(name, *a)
+    )
+    with pytest.raises(compat.SafetyGymnasiumMissing, match=r"pip install --no-deps safety-gymnasium==1\.0\.0"):
+        make_env("SafetyPointGoal1-v0")
+    make_env("SpeedLimit-v0")  # the built-in task needs no safety-gymnasium
