@@ -123,21 +123,13 @@ def test_sharded_dual_with_summed_sums_equals_the_full_batch_dual():
     halves = [(qr[:32], qc[:32]), (qr[32:], qc[32:])]
     from rllib_cvpo.cvpo.estep import _state_sums
 
-    def reduce_for(other):
-        def reduce(local):
-            theta_sums = local  # the other shard's sums at the same theta are needed: recompute them here
-            return theta_sums + _other_sums[0]
-        return reduce
-
-    # Emulate all_reduce exactly: evaluate both shards at the same theta and add.
+    # Emulate all_reduce exactly: evaluate both shards at the same theta and add their sums.
     class Pair:
         def __init__(self):
             self.p0 = DualProblem(*halves[0], 0.1, thr)
             self.p1 = DualProblem(*halves[1], 0.1, thr)
 
     pair = Pair()
-    _other_sums = [None]
-
     def reduce0(local):
         theta = pair.theta
         return local + _state_sums(theta[0], theta[1:], pair.p1.qr, pair.p1.qc)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -212,7 +211,7 @@ class CVPOConfig(AlgorithmConfig):
     def cost_keys(self) -> List[str]:
         return list(self.cost_limits)
 
-    @functools.cached_property
+    @property
     def horizon(self) -> int:
         """T: ``episode_len``, or the env's time limit."""
         if self.episode_len is not None:

@@ -63,22 +63,12 @@ class CVPOTorchLearner(TorchLearner):
     @override(TorchLearner)
     def configure_optimizers_for_module(self, module_id: str, config=None) -> None:
         module = self.module[module_id]
-        critic_params = list(module.critics.parameters())
-        self.register_optimizer(
-            module_id=module_id,
-            optimizer_name="critic",
-            optimizer=torch.optim.Adam(critic_params),
-            params=critic_params,
-            lr_or_lr_schedule=config.critic_lr,
-        )
-        pi_params = list(module.pi.parameters())
-        self.register_optimizer(
-            module_id=module_id,
-            optimizer_name="policy",
-            optimizer=torch.optim.Adam(pi_params),
-            params=pi_params,
-            lr_or_lr_schedule=config.actor_lr,
-        )
+        for name, net, lr in (("critic", module.critics, config.critic_lr), ("policy", module.pi, config.actor_lr)):
+            params = list(net.parameters())
+            self.register_optimizer(
+                module_id=module_id, optimizer_name=name, optimizer=torch.optim.Adam(params), params=params,
+                lr_or_lr_schedule=lr,
+            )
 
     def compute_loss_for_module(self, **kwargs): raise NotImplementedError("CVPO computes its losses in _update()")
 
