@@ -55,6 +55,7 @@ class CVPOTorchLearner(TorchLearner):
                 "num_updates": 0,
             }
         self._env_steps = 0
+        self.last_estep: Dict[str, Dict[str, Any]] = {}
 
     @override(TorchLearner)
     def _make_modules_ddp_if_necessary(self) -> None:
@@ -155,6 +156,8 @@ class CVPOTorchLearner(TorchLearner):
             else:
                 sol = estep.solve_dual_newton(problem, state["eta"], state["lam"], **bounds)
             state["eta"], state["lam"] = sol.eta, sol.lam
+            # This learner's shard of the last E-step (kept by reference, no copy) for diagnostics and tests.
+            self.last_estep[mid] = {"qr": qr_s, "qc": qc_s, "thresholds": thresholds, "solution": sol}
             weights = estep.variational_weights(qr_s, qc_s, sol.eta, sol.lam).to(mean_o.dtype)
         t2 = time.perf_counter()
 
