@@ -1,4 +1,8 @@
-"""The ``rllib-cvpo`` command."""
+"""The ``rllib-cvpo`` command: train, evaluate, plot, envs.
+
+Bad input (unknown env, bad cost limit, missing or unreadable checkpoint, unknown config key, ...) is reported in
+one line on stderr with exit code 2, never as a traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,21 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
 
-DEFAULT_ENV = "SafetyPointCircle1-v0"
+from rllib_cvpo.training import DEFAULT_ENV, DEFAULT_TOTAL_ENV_STEPS
 
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2."""
 
 
-def _nonneg_float(text: str) -> float:
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line and exit 2, like ours
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _cost_limit(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -38,111 +47,213 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rllib-cvpo", description="CVPO safe RL on Ray RLlib")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="rllib-cvpo", description="CVPO safe RL on Ray RLlib")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train CVPO on a task (embedded local Ray by default)")
-    train.add_argument("--env", default=DEFAULT_ENV, help=f"task id (default {DEFAULT_ENV})")
-    train.add_argument("--cost-limit", type=_nonneg_float, default=25.0, help="episodic cost limit d (default 25)")
-    train.add_argument("--total-env-steps", type=_positive_int, default=60_000, help="env steps to train (default 60k)")
-    train.add_argument("--env-runners", type=int, default=1, help="remote EnvRunners (default 1; 0 samples in-process)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--output", default="runs", help="directory for run folders (default ./runs)")
-    train.add_argument("--address", default=None, help="join an existing Ray cluster instead of a local one")
+    train = sub.add_parser("train", help="train CVPO on a task (through Ray Tune, on an embedded local Ray by default)")
+    train.add_argument("--env", default=None, help=f"task id (default {DEFAULT_ENV}; `rllib-cvpo envs` lists them)")
+    train.add_argument("--cost-limit", type=_cost_limit, default=None, help="episodic cost limit d (default 25)")
+    train.add_argument("--total-env-steps", type=_positive_int, default=None,
+                       help=f"env steps to train (default {DEFAULT_TOTAL_ENV_STEPS})")
+    train.add_argument("--env-runners", type=_nonneg_int, default=None,
+                       help="remote EnvRunners (default 1; 0 samples in the learner's process)")
+    train.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    train.add_argument("--config", default=None, help="YAML file of CVPOConfig settings (setting: value)")
+    train.add_argument("--output", default="runs", help="directory for run directories (default ./runs)")
+    train.add_argument("--name", default=None, help="run directory name (default <env>_seed<seed>_<time>)")
+    train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    train.add_argument("--address", default=None, help="join an existing Ray cluster (default: a local Ray)")
 
-    sub.add_parser("envs", help="list the supported tasks")
+    ev = sub.add_parser("evaluate", help="deterministic episodes of a trained policy")
+    ev.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its best feasible checkpoint)")
+    ev.add_argument("--episodes", type=_positive_int, default=10)
+    ev.add_argument("--seed", type=int, default=0, help="seed of the first episode (then seed+1, ...)")
+    ev.add_argument("--video", default=None, metavar="DIR", help="write MP4 videos of the episodes to DIR")
+    ev.add_argument("--video-episodes", type=_positive_int, default=1, help="episodes to record (default 1)")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    plot = sub.add_parser("plot", help="return and cost curves of one or more runs (seeds) on one figure")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", default="curves.png", help="PNG file to write (default curves.png)")
+    plot.add_argument("--title", default=None)
+
+    sub.add_parser("envs", help="the supported tasks with observation and action sizes and episode length")
     return parser
 
 
-def _config(args) -> Any:
-    from rllib_cvpo import CVPOConfig
-
-    return (
-        CVPOConfig()
-        .environment(args.env)
-        .env_runners(num_env_runners=args.env_runners, create_local_env_runner=args.env_runners == 0,
-                     rollout_fragment_length=100)
-        .learners(num_learners=0)
-        .training(cost_limit=args.cost_limit, gamma=0.99, num_steps_sampled_before_learning_starts=5_000,
-                  updates_per_env_step=0.25)
-        .reporting(min_sample_timesteps_per_iteration=5_000)
-        .evaluation(evaluation_interval=1, evaluation_duration=2, evaluation_num_env_runners=0)
-        .debugging(seed=args.seed)
-    )
-
-
-def _line(result: Dict[str, Any], limit: float, total: int, started: float) -> str:
-    runners = result.get("env_runners", {})
-    evaluation = result.get("evaluation", {}).get("env_runners", {})
-    learner = result.get("learners", {}).get("default_policy", {})
-    steps = int(result.get("num_env_steps_sampled_lifetime", 0))
-    elapsed = time.time() - started
-    left = elapsed / max(steps, 1) * max(total - steps, 0)
-
-    def f(x):
-        return "   -  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:7.2f}"
-
-    return (f"[{steps:>8d}/{total}] return {f(runners.get('episode_return_mean'))}  cost {f(runners.get('episode_cost'))}"
-            f" (limit {limit:g})  eval return {f(evaluation.get('episode_return_mean'))} cost "
-            f"{f(evaluation.get('episode_cost'))}  lambda {f(learner.get('lambda'))}  "
-            f"{elapsed / 60:5.1f} min, ~{left / 60:4.1f} min left")
-
-
+# -- train ---------------------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    import ray
+    from rllib_cvpo.envs import UnknownEnvError
+    from rllib_cvpo.training import ConfigFileError, build_config, load_config_file, resume_training, run_training
 
-    from rllib_cvpo.envs import UnknownEnvError, episode_length
+    if args.resume:
+        if any(v is not None for v in (args.env, args.cost_limit, args.total_env_steps, args.config, args.seed)):
+            raise UsageError("--resume continues a run with its own settings: drop --env, --cost-limit, "
+                             "--total-env-steps, --seed and --config")
+        try:
+            outcome = resume_training(Path(args.resume), address=args.address)
+        except FileNotFoundError as err:
+            raise UsageError(str(err)) from None
+        return _exit_code(outcome)
 
     try:
-        episode_length(args.env)
+        overrides = load_config_file(args.config) if args.config else {}
+    except ConfigFileError as err:
+        raise UsageError(str(err)) from None
+    total = args.total_env_steps or int(overrides.pop("total_env_steps", DEFAULT_TOTAL_ENV_STEPS))
+    try:
+        config = build_config(args.env, args.cost_limit, args.seed, args.env_runners, overrides)
     except UnknownEnvError as err:
         raise UsageError(str(err)) from None
-    run_dir = Path(args.output) / f"{args.env}_seed{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    algo = _config(args).build_algo()
-    started = time.time()
-    print(f"training CVPO on {args.env}, cost limit {args.cost_limit:g}, {args.total_env_steps} env steps -> {run_dir}")
-    history = []
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    name = args.name or f"{config.env}_seed{config.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(args.output).resolve() / name
+    if (run_dir / "tuner.pkl").exists():
+        raise UsageError(f"run directory {str(run_dir)!r} exists: use --resume {run_dir} or another --name")
+    print(f"training CVPO on {config.env}, cost limit {config.cost_limit}, {total} env steps, seed {config.seed}"
+          f"\nrun directory: {run_dir}", flush=True)
     try:
-        while True:
-            result = algo.train()
-            row = {
-                "env_steps": int(result["num_env_steps_sampled_lifetime"]),
-                "episode_return": result["env_runners"].get("episode_return_mean"),
-                "episode_cost": result["env_runners"].get("episode_cost"),
-                "eval_return": result.get("evaluation", {}).get("env_runners", {}).get("episode_return_mean"),
-                "eval_cost": result.get("evaluation", {}).get("env_runners", {}).get("episode_cost"),
-            }
-            history.append(row)
-            with open(run_dir / "progress.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(_line(result, args.cost_limit, args.total_env_steps, started), flush=True)
-            if row["env_steps"] >= args.total_env_steps:
-                break
-    except KeyboardInterrupt:
-        print("interrupted: saving a checkpoint")
-    checkpoint = algo.save_to_path(str((run_dir / "checkpoint").resolve()))
-    algo.stop()
-    print(f"done in {(time.time() - started) / 60:.1f} min; checkpoint: {checkpoint}")
+        outcome = run_training(config, total, run_dir, address=args.address,
+                               run_info={"config_file": args.config, "overrides": overrides})
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return _exit_code(outcome)
+
+
+def _exit_code(outcome) -> int:
+    return {"finished": 0, "interrupted": 130, "error": 1}[outcome["status"]]
+
+
+# -- evaluate ------------------------------------------------------------------------------------------------------
+def evaluate_policy(policy, episodes: int, seed: int, video_dir=None, video_episodes: int = 1):
+    """Deterministic episodes of ``policy`` on its own task; per-episode returns and costs, and video paths."""
+    import numpy as np
+
+    from rllib_cvpo.envs import make_env
+
+    env_id = policy.env_id
+    if not env_id:
+        raise UsageError(f"checkpoint {str(policy.checkpoint)!r} does not name its env")
+    render = video_dir is not None
+    env = make_env(env_id, render_mode="rgb_array" if render else None)
+    returns, costs, videos = [], [], []
+    try:
+        for ep in range(episodes):
+            obs, _ = env.reset(seed=seed + ep)
+            record = render and ep < video_episodes
+            frames = [env.render()] if record else []
+            ret = cost = 0.0
+            done = False
+            while not done:
+                obs, reward, terminated, truncated, info = env.step(policy.act(obs))
+                ret, cost, done = ret + float(reward), cost + float(info["cost"]), terminated or truncated
+                if record:
+                    frames.append(env.render())
+            returns.append(ret)
+            costs.append(cost)
+            if record:
+                videos.append(_write_video(frames, Path(video_dir) / f"episode_{ep:03d}.mp4", env))
+    finally:
+        env.close()
+    return np.array(returns), np.array(costs), videos
+
+
+def _write_video(frames, path: Path, env) -> Path:
+    import imageio.v2 as imageio
+    import numpy as np
+
+    frames = [np.asarray(f) for f in frames if f is not None]
+    if not frames:
+        raise UsageError(f"{env.spec.id if env.spec else 'this env'} renders no frames, so no video can be written")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fps = int(env.metadata.get("render_fps", 30) or 30)
+    imageio.mimsave(path, frames, format="FFMPEG", fps=fps, macro_block_size=1)
+    return path
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from rllib_cvpo.policy import CheckpointError, load_policy
+
+    try:
+        policy = load_policy(args.checkpoint)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    returns, costs, videos = evaluate_policy(policy, args.episodes, args.seed, args.video, args.video_episodes)
+    limit = policy.cost_limit
+    limit_total = float(sum(limit.values())) if isinstance(limit, dict) else float(limit)
+    over = float(np.mean(costs > limit_total))
+    out = {
+        "checkpoint": str(policy.checkpoint), "env": policy.env_id, "episodes": int(args.episodes),
+        "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+        "cost_mean": float(costs.mean()), "cost_std": float(costs.std()), "cost_limit": limit_total,
+        "over_limit_fraction": over, "returns": returns.tolist(), "costs": costs.tolist(),
+        "videos": [str(v) for v in videos],
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{policy.env_id}: {args.episodes} deterministic episodes from {policy.checkpoint}")
+        print(f"return {out['return_mean']:.2f} +- {out['return_std']:.2f}")
+        print(f"cost   {out['cost_mean']:.2f} +- {out['cost_std']:.2f} (limit {limit_total:g}); "
+              f"over the limit in {over:.0%} of episodes")
+        for v in videos:
+            print(f"video: {v}")
+    return 0
+
+
+# -- plot, envs ----------------------------------------------------------------------------------------------------
+def cmd_plot(args) -> int:
+    from rllib_cvpo.runs import plot_runs
+
+    for run in args.runs:
+        if not Path(run).is_dir():
+            raise UsageError(f"run directory not found: {run!r}")
+    try:
+        path = plot_runs(args.runs, args.out, title=args.title)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    print(f"wrote {path}")
     return 0
 
 
 def cmd_envs(args) -> int:
-    from rllib_cvpo.envs import episode_length, supported_env_ids
+    import numpy as np
 
+    from rllib_cvpo.envs import SafetyGymnasiumMissing, episode_length, make_env, supported_env_ids
+
+    print(f"{'task':36s} {'obs':>5s} {'act':>4s} {'T':>6s}")
     for env_id in supported_env_ids():
-        print(f"{env_id:40s} T={episode_length(env_id)}")
+        try:
+            env = make_env(env_id)
+        except SafetyGymnasiumMissing as err:
+            raise UsageError(str(err).splitlines()[0]) from None
+        obs, act = int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape))
+        env.close()
+        print(f"{env_id:36s} {obs:>5d} {act:>4d} {episode_length(env_id) or '-':>6}")
+    print("any registered gymnasium env whose step info reports a numeric 'cost' works too (--env ID)")
     return 0
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
-        return {"train": cmd_train, "envs": cmd_envs}[args.command](args)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "envs": cmd_envs}[args.command](args)
     except UsageError as err:
         print(f"rllib-cvpo: error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
     ENV_RUNNER_SAMPLING_TIMER,
+    EPISODE_RETURN_MEAN,
+    EVALUATION_RESULTS,
     LEARNER_RESULTS,
     LEARNER_UPDATE_TIMER,
     NUM_ENV_STEPS_SAMPLED_LIFETIME,
@@ -28,7 +30,15 @@ from rllib_cvpo.cvpo.callbacks import CostMetricsCallback
 from rllib_cvpo.cvpo.estep import qc_threshold
 from rllib_cvpo.cvpo.replay import CostReplayBuffer
 
+from ray.util.debug import log_once
+
+# CVPO exists on RLlib's new API stack only, so RLlib's one-time "you are running on the new API stack" notice says
+# nothing to our users: consume it.
+log_once("CVPO_on_new_api_stack")
+
 REPLAY_STATE = "cvpo_replay_buffer"
+SUMMARY = "cvpo"  # the per-iteration summary that reports, checkpoint ranking and the command line read
+INFEASIBLE_SCORE_OFFSET = -1e9
 
 
 class CVPOConfig(AlgorithmConfig):
@@ -256,6 +266,17 @@ class CVPOConfig(AlgorithmConfig):
         return CVPOTorchLearner
 
     @override(AlgorithmConfig)
+    def get_evaluation_config_object(self) -> Optional[AlgorithmConfig]:
+        """As RLlib's; and evaluation metrics average the episodes of one evaluation round only (not a window over
+        several iterations), so each iteration's evaluation return and cost describe the policy being checkpointed."""
+        eval_config = super().get_evaluation_config_object()
+        overrides = self.evaluation_config if isinstance(self.evaluation_config, Mapping) else {}
+        if (eval_config is not None and self.evaluation_duration_unit == "episodes"
+                and isinstance(self.evaluation_duration, int) and "metrics_num_episodes_for_smoothing" not in overrides):
+            eval_config.metrics_num_episodes_for_smoothing = self.evaluation_duration
+        return eval_config
+
+    @override(AlgorithmConfig)
     def validate(self) -> None:
         super().validate()
         errors = []
@@ -383,6 +404,83 @@ class CVPO(Algorithm):
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+
+    @override(Algorithm)
+    def step(self) -> Dict[str, Any]:
+        result = super().step()
+        result[SUMMARY] = self.summarize(result)
+        self._last_summary = result[SUMMARY]
+        return result
+
+    def summarize(self, result: Dict[str, Any]) -> Dict[str, Any]:
+        """One iteration in a few numbers: env steps, training and evaluation return and cost, the final cost limit,
+        whether the policy is feasible (evaluation cost within the limit of every constraint; the training episodes'
+        cost when there is no evaluation) and ``score``, which ranks checkpoints: feasible ones by return, above all
+        infeasible ones, which rank by lower cost."""
+        cfg: CVPOConfig = self.config
+        runners = result.get(ENV_RUNNER_RESULTS, {}) or {}
+        evaluation = (result.get(EVALUATION_RESULTS, {}) or {}).get(ENV_RUNNER_RESULTS, {}) or {}
+        nan = float("nan")
+
+        def get(d, key):
+            v = d.get(key, nan)
+            return float(v) if isinstance(v, (int, float)) else nan
+
+        limits = cfg.cost_limits
+        judged = evaluation if math.isfinite(get(evaluation, EPISODE_RETURN_MEAN)) else runners
+        if len(limits) == 1:
+            costs = {key: get(judged, "episode_cost") for key in limits}
+        else:
+            costs = {key: get(judged, f"episode_{key}") for key in limits}
+        ret, cost = get(judged, EPISODE_RETURN_MEAN), get(judged, "episode_cost")
+        known = math.isfinite(ret) and all(math.isfinite(c) for c in costs.values())
+        feasible = known and all(costs[k] <= limits[k] for k in limits)
+        if not known:
+            score = nan
+        elif feasible:
+            score = ret
+        else:
+            score = INFEASIBLE_SCORE_OFFSET - sum(max(costs[k] - limits[k], 0.0) for k in limits)
+        return {
+            "env_steps": int(result.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0) or 0),
+            "episode_return": get(runners, EPISODE_RETURN_MEAN),
+            "episode_cost": get(runners, "episode_cost"),
+            "episode_over_limit": get(runners, "episode_over_limit"),
+            "eval_return": get(evaluation, EPISODE_RETURN_MEAN),
+            "eval_cost": get(evaluation, "episode_cost"),
+            "eval_over_limit": get(evaluation, "episode_over_limit"),
+            "cost_limit": float(sum(limits.values())),
+            "feasible": float(feasible),
+            "score": score,
+        }
+
+    @override(Algorithm)
+    def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
+        """As RLlib's, plus ``cvpo_metadata.json`` (env, spaces, cost limits, env steps, the last iteration's summary)
+        for loading, serving and reports without unpickling the algorithm."""
+        path = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
+        if filesystem is None:
+            import json
+            from pathlib import Path
+
+            from rllib_cvpo.policy import METADATA_FILE
+
+            cfg: CVPOConfig = self.config
+            obs_space, act_space = (getattr(self, "spaces", None) or {}).get(DEFAULT_MODULE_ID, (None, None))
+            meta = {
+                "env": cfg.env if isinstance(cfg.env, str) else None,
+                "cost_limit": cfg.cost_limit,
+                "cost_keys": cfg.cost_keys,
+                "env_steps": int(self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)),
+                "training_iteration": int(self.iteration),
+                "summary": getattr(self, "_last_summary", None),
+            }
+            if obs_space is not None and act_space is not None:
+                meta["observation_shape"] = list(obs_space.shape)
+                meta["action_low"] = act_space.low.astype(float).tolist()
+                meta["action_high"] = act_space.high.astype(float).tolist()
+            Path(path, METADATA_FILE).write_text(json.dumps(meta, indent=1, default=float))
+        return path
 
     @override(Algorithm)
     def get_state(self, components=None, *, not_components=None, **kwargs) -> Dict[str, Any]:

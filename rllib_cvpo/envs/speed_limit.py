@@ -34,7 +34,7 @@ K_LOW, K_HIGH = 0.25, 2.0
 class SpeedLimitEnv(gym.Env):
     """The built-in constrained task (see the module docstring). ``info["cost"]`` carries the step cost."""
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
 
     def __init__(self, horizon: int = HORIZON, render_mode: str | None = None) -> None:
         if int(horizon) < 1:
@@ -45,8 +45,11 @@ class SpeedLimitEnv(gym.Env):
             low=np.array([K_LOW, -1.0], np.float32), high=np.array([K_HIGH, 1.0], np.float32), dtype=np.float32
         )
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self._t = 0
         self._obs = np.zeros(2, np.float32)
+        self._last = (0.0, 0.0, 0.0)  # speed, steer, cost of the last step, for render()
 
     def _draw(self) -> np.ndarray:
         k = self.np_random.uniform(K_LOW, K_HIGH)
@@ -57,7 +60,24 @@ class SpeedLimitEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         self._t = 0
+        self._last = (0.0, 0.0, 0.0)
         return self._draw(), {}
+
+    def render(self) -> np.ndarray | None:
+        """A 96x192 RGB frame: road roughness as the background shade, the speed as a bar (green to red as the
+        step cost grows), and the steering (white) against the road heading (yellow)."""
+        if self.render_mode != "rgb_array":
+            return None
+        v, steer, cost = self._last
+        k, h = float(self._obs[0]), float(self._obs[1])
+        frame = np.full((96, 192, 3), int(40 + 60 * (k - K_LOW) / (K_HIGH - K_LOW)), np.uint8)
+        width = int(round(v * 180))
+        red = min(1.0, cost / K_HIGH)
+        frame[10:40, 6 : 6 + width] = (int(255 * red), int(255 * (1 - red)), 40)
+        for value, colour in ((h, (255, 220, 0)), (steer, (255, 255, 255))):
+            x = int(round(96 + 88 * value))
+            frame[50:90, max(x - 2, 0) : x + 2] = colour
+        return frame
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         throttle, steer = np.clip(np.asarray(action, np.float64), -1.0, 1.0)
@@ -66,6 +86,7 @@ class SpeedLimitEnv(gym.Env):
         reward = v * (1.0 - 0.25 * (steer - h) ** 2)
         cost = k * v * v
         self._t += 1
+        self._last = (v, float(steer), float(cost))
         return self._draw(), float(reward), False, self._t >= self.horizon, {"cost": float(cost)}
 
 

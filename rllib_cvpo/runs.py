@@ -1,0 +1,186 @@
+"""Run directories: what `rllib-cvpo train` (one Tune trial) and `rllib-cvpo sweep` (many) write, read back.
+
+A run directory is a Ray Tune experiment directory: ``tuner.pkl`` and the experiment state, plus one trial directory
+per trial holding Tune's ``result.json`` (one JSON line per iteration, CVPO's summary under ``"cvpo"``) and its
+``checkpoint_NNNNNN`` directories. ``rllib-cvpo train`` adds ``run.json`` (what was asked for) and, at the end,
+``summary.txt`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pandas as pd
+
+RUN_FILE = "run.json"
+SUMMARY_COLUMNS = [
+    "env_steps", "episode_return", "episode_cost", "episode_over_limit", "eval_return", "eval_cost",
+    "eval_over_limit", "cost_limit", "feasible", "score",
+]
+
+
+def trial_dirs(run_dir: str | Path) -> List[Path]:
+    """The trial directories under a run directory (or the directory itself if it is a trial directory)."""
+    root = Path(run_dir)
+    if (root / "result.json").is_file():
+        return [root]
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "result.json").is_file()) if root.is_dir() else []
+
+
+def read_results(trial_dir: str | Path) -> pd.DataFrame:
+    """One row per training iteration: CVPO's summary columns, ``time_total_s``, ``checkpoint_dir_name`` (the
+    checkpoint saved with that iteration, if any), ``training_iteration`` and the trial's config under ``config/``
+    (flattened, for sweeps). Rows repeated by a resumed run (an iteration trained again after restoring an earlier
+    checkpoint) keep their latest version."""
+    rows = []
+    with open(Path(trial_dir) / "result.json") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            row = {k: r.get("cvpo", {}).get(k, math.nan) for k in SUMMARY_COLUMNS}
+            row.update(
+                training_iteration=r.get("training_iteration"),
+                time_total_s=r.get("time_total_s", math.nan),
+                checkpoint_dir_name=r.get("checkpoint_dir_name"),
+                trial_id=r.get("trial_id"),
+            )
+            rows.append(row)
+    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + ["training_iteration", "time_total_s", "checkpoint_dir_name",
+                                                       "trial_id"])
+    if len(df):
+        df = df.drop_duplicates("training_iteration", keep="last").sort_values("training_iteration")
+    return df.reset_index(drop=True)
+
+
+def _checkpoint_dirs(trial: Path) -> List[Path]:
+    return sorted(p for p in trial.glob("checkpoint_*") if (p / "rllib_checkpoint.json").is_file())
+
+
+def find_checkpoints(run_dir: str | Path) -> Dict[str, Optional[Path]]:
+    """{"latest": newest checkpoint, "best": best feasible (evaluation cost within the limit first, then return;
+    the least-violating one if none is feasible)} for a single-trial run directory (or a trial directory)."""
+    trials = trial_dirs(run_dir)
+    if len(trials) != 1:
+        return {"latest": None, "best": None}
+    trial = trials[0]
+    existing = _checkpoint_dirs(trial)
+    if not existing:
+        return {"latest": None, "best": None}
+    latest = existing[-1]
+    best = latest
+    try:
+        df = read_results(trial)
+    except OSError:
+        df = pd.DataFrame()
+    if len(df):
+        names = {p.name for p in existing}
+        ranked = df[df["checkpoint_dir_name"].isin(names) & df["score"].notna()]
+        if len(ranked):
+            best = trial / ranked.sort_values(["score", "training_iteration"]).iloc[-1]["checkpoint_dir_name"]
+    return {"latest": latest, "best": best}
+
+
+def read_run_file(run_dir: str | Path) -> Dict:
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def summary_table(df: pd.DataFrame, limit: float) -> str:
+    """A plain-text table of a run: first, best and last evaluated iterations."""
+    if not len(df):
+        return "no iterations finished"
+    shown = {"first": df.iloc[0], "last": df.iloc[-1]}
+    feasible = df[df["feasible"] > 0]
+    if len(feasible):
+        shown["best feasible"] = feasible.sort_values("eval_return").iloc[-1]
+    header = f"{'':14s} {'env steps':>10s} {'return':>9s} {'cost':>8s} {'eval return':>12s} {'eval cost':>10s}  feasible"
+    lines = [header, "-" * len(header)]
+    for name, row in shown.items():
+        lines.append(
+            f"{name:14s} {int(row['env_steps']):>10d} {row['episode_return']:>9.2f} {row['episode_cost']:>8.2f} "
+            f"{row['eval_return']:>12.2f} {row['eval_cost']:>10.2f}  {'yes' if row['feasible'] else 'no'}"
+        )
+    lines.append(f"cost limit {limit:g}; return and cost are per-episode means (eval: deterministic policy)")
+    return "\n".join(lines)
+
+
+def collect_curves(run_dirs: List[str | Path]) -> Dict[str, Dict[str, "object"]]:
+    """The curves ``plot_runs`` draws: for each of eval_return, episode_return, eval_cost, episode_cost, the env-step
+    grid (the union of all runs' iteration steps), and the mean, min and max across runs (each run interpolated
+    linearly onto the grid, NaN outside its range), and the number of runs; plus ``cost_limit``."""
+    import warnings
+
+    import numpy as np
+
+    frames = []
+    for run in run_dirs:
+        trials = trial_dirs(run)
+        if not trials:
+            raise FileNotFoundError(f"no results in {str(run)!r}: expected a run directory written by rllib-cvpo")
+        for trial in trials:
+            df = read_results(trial)
+            if len(df):
+                frames.append(df)
+    if not frames:
+        raise FileNotFoundError(f"no finished iterations in {', '.join(map(str, run_dirs))}")
+    grid = np.unique(np.concatenate([f["env_steps"].to_numpy(float) for f in frames]))
+    out: Dict[str, Dict] = {"cost_limit": float(frames[0]["cost_limit"].dropna().iloc[-1])}
+    for col in ("eval_return", "episode_return", "eval_cost", "episode_cost"):
+        curves = []
+        for f in frames:
+            ok = f[col].notna()
+            if ok.any():
+                x, y = f.loc[ok, "env_steps"].to_numpy(float), f.loc[ok, col].to_numpy(float)
+                curves.append(np.interp(grid, x, y, left=np.nan, right=np.nan))
+        if curves:
+            stack = np.vstack(curves)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out[col] = {"steps": grid, "mean": np.nanmean(stack, 0), "min": np.nanmin(stack, 0),
+                            "max": np.nanmax(stack, 0), "runs": len(curves)}
+    return out
+
+
+def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] = None,
+              cost_limit: Optional[float] = None) -> Path:
+    """Return and cost against env steps for one or several runs (e.g. seeds): the mean line and the min-max band
+    across runs, evaluation (deterministic) and training episodes, the cost limit dashed. Returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = collect_curves(run_dirs)
+    limit = cost_limit if cost_limit is not None else curves["cost_limit"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (metric, label) in zip(axes, (("return", "episode return"), ("cost", "episode cost"))):
+        for prefix, style in (("eval_", "-"), ("episode_", ":")):
+            c = curves.get(prefix + metric)
+            if c is None:
+                continue
+            name = "evaluation (deterministic)" if prefix == "eval_" else "training episodes"
+            line = ax.plot(c["steps"], c["mean"], style, marker="o", markersize=2.5,
+                           label=f"{name}, mean of {c['runs']}" if c["runs"] > 1 else name)[0]
+            if c["runs"] > 1:
+                ax.fill_between(c["steps"], c["min"], c["max"], color=line.get_color(), alpha=0.2)
+        if metric == "cost":
+            ax.axhline(limit, color="red", linestyle="--", label=f"cost limit {limit:g}")
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or ", ".join(Path(r).name for r in run_dirs)[:120], fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,357 @@
+"""Training through Ray Tune as a single trial: configuration from defaults, a YAML file and options; a live
+progress bar; the latest and the best feasible checkpoint kept; Ctrl-C saves a checkpoint; ``--resume`` continues."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from ray.tune import Callback
+
+from rllib_cvpo.runs import RUN_FILE, find_checkpoints, plot_runs, read_results, summary_table, trial_dirs
+
+DEFAULT_ENV = "SafetyPointCircle1-v0"
+DEFAULT_TOTAL_ENV_STEPS = 100_000
+
+# The command's defaults on top of CVPOConfig's (which follow FSRL): chosen so that README's main command learns on
+# a 2-core CPU within 20 minutes; docs/defaults.md gives the measurements behind each.
+COMMAND_DEFAULTS: Dict[str, Any] = {
+    "estep_kl": 0.1,
+    "lambda_max": 40.0,
+    "replay_capacity": 20_000,
+    "gamma": 0.99,
+    "num_steps_sampled_before_learning_starts": 5_000,
+    "updates_per_env_step": 0.25,
+    "rollout_fragment_length": 100,
+    "min_sample_timesteps_per_iteration": 5_000,
+    "evaluation_interval": 1,
+    "evaluation_duration": 2,
+    "evaluation_num_env_runners": 0,
+}
+
+
+class ConfigFileError(ValueError):
+    """A YAML config file that cannot be used; the message names the file, the line and the key."""
+
+
+def config_keys() -> set:
+    """Every setting a YAML config may set: CVPOConfig's attributes (RLlib's and CVPO's, including those behind a
+    property such as ``train_batch_size_per_learner``), ``model_config``, and ``total_env_steps`` (the run's
+    length for ``rllib-cvpo train``)."""
+    from rllib_cvpo import CVPOConfig
+
+    config = CVPOConfig()
+    public = {k for k in vars(config) if not k.startswith("_")}
+    behind_property = {k[1:] for k in vars(config)
+                       if k.startswith("_") and not k.startswith("__") and isinstance(getattr(CVPOConfig, k[1:], None), property)}
+    return public | behind_property | {"model_config", "total_env_steps"}
+
+
+def load_config_file(path: str | Path) -> Dict[str, Any]:
+    """Read a flat ``setting: value`` YAML mapping of CVPOConfig settings; an unknown key or malformed YAML raises
+    :class:`ConfigFileError` with the file and line."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigFileError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigFileError(f"{where}: malformed YAML: {getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"{path}:1: expected a mapping of CVPOConfig settings (setting: value), "
+                              f"got a {type(data).__name__}")
+    known = config_keys()
+    for key_node, _ in node.value:
+        key = key_node.value
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see `CVPOConfig.training()` for the settings"
+            raise ConfigFileError(f"{path}:{key_node.start_mark.line + 1}: unknown config key {key!r}{hint}")
+    return data
+
+
+def build_config(env: Optional[str] = None, cost_limit=None, seed: Optional[int] = None,
+                 env_runners: Optional[int] = None, overrides: Optional[Mapping[str, Any]] = None):
+    """CVPOConfig from (in increasing precedence) CVPO's defaults, the command's defaults, a config file's
+    settings and the explicit options."""
+    from rllib_cvpo import CVPOConfig
+
+    settings: Dict[str, Any] = dict(COMMAND_DEFAULTS)
+    settings.update(overrides or {})
+    model_config = settings.pop("model_config", None)
+    env = env or settings.pop("env", None) or DEFAULT_ENV
+    settings.pop("env", None)
+    if cost_limit is not None:
+        settings["cost_limit"] = cost_limit
+    if seed is not None:
+        settings["seed"] = seed
+    settings.setdefault("seed", 0)
+    if env_runners is not None:
+        settings["num_env_runners"] = env_runners
+    settings.setdefault("num_env_runners", 1)
+    settings.setdefault("create_local_env_runner", settings["num_env_runners"] == 0)
+    config = CVPOConfig().environment(env)
+    config.update_from_dict(settings)
+    if model_config is not None:
+        config.rl_module(model_config=model_config)
+    config.validate()
+    return config
+
+
+# -- Tune callbacks -----------------------------------------------------------------------------------------------
+def _fmt(x, spec="7.1f") -> str:
+    return "    -  " if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class ProgressBar(Callback):
+    """One live line per trial: env steps against the total, training return, cost against the limit, the
+    last deterministic evaluation, elapsed and estimated time left. Redrawn in place on a terminal (and every
+    second, so the clock moves between iterations); one line per iteration otherwise (logs, CI)."""
+
+    def __init__(self, total_env_steps: int, cost_limit: float, stream=None) -> None:
+        self.total = int(total_env_steps)
+        self.limit = float(cost_limit)
+        self.stream = stream
+
+    def __getstate__(self):  # Tune pickles callbacks into the experiment state; the stream and thread stay here
+        return {"total": self.total, "limit": self.limit, "stream": None}
+
+    def setup(self, **info) -> None:
+        self.stream = self.stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = time.time()
+        self.first_steps: Optional[int] = None
+        self.line = "starting: warming up with random actions" if self.tty else ""
+        self._stop = threading.Event()
+        if self.tty:
+            threading.Thread(target=self._tick, daemon=True).start()
+        else:
+            print("starting: the first line appears after the first iteration", file=self.stream, flush=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self._draw()
+
+    def _draw(self, final: bool = False) -> None:
+        if self.tty:
+            elapsed = _clock(time.time() - self.started)
+            self.stream.write("\r" + self.line.replace("{elapsed}", elapsed)[:200].ljust(120) + ("\n" if final else ""))
+            self.stream.flush()
+
+    def render(self, result: Dict[str, Any]) -> str:
+        summary = result.get("cvpo", {})
+        steps = int(summary.get("env_steps", result.get("num_env_steps_sampled_lifetime", 0)) or 0)
+        if self.first_steps is None:
+            self.first_steps = steps
+            self.first_time = time.time()
+        frac = min(steps / max(self.total, 1), 1.0)
+        width = 20
+        filled = int(round(frac * width))
+        bar = "#" * filled + "." * (width - filled)
+        done_here = steps - self.first_steps
+        rate = done_here / max(time.time() - self.first_time, 1e-9) if done_here > 0 else None
+        left = f"~{_clock((self.total - steps) / rate)} left" if rate else "time left: -"
+        cost = summary.get("episode_cost", math.nan)
+        mark = "" if not isinstance(cost, float) or not math.isfinite(cost) else ("ok" if cost <= self.limit else "OVER")
+        return (f"[{bar}] {frac:4.0%} {steps:>7d}/{self.total} steps | return {_fmt(summary.get('episode_return'))}"
+                f" | cost {_fmt(summary.get('episode_cost'))} / {self.limit:g} {mark:4s} | eval "
+                f"{_fmt(summary.get('eval_return'))} cost {_fmt(summary.get('eval_cost'), '5.1f')} | "
+                "{elapsed} elapsed, " + left)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.line = self.render(result)
+        if self.tty:
+            self._draw()
+        else:
+            print(self.line.replace("{elapsed}", _clock(time.time() - self.started)), file=self.stream, flush=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if getattr(self, "_stop", None) is not None:
+            self._stop.set()
+            self._draw(final=True)
+
+
+class GracefulInterrupt(Callback):
+    """The first Ctrl-C (SIGINT) lets the running iteration finish, waits for its checkpoint and then ends the run
+    through Tune's own interrupt path, so the trial stays resumable from that checkpoint; a second Ctrl-C stops at
+    once (Tune's behaviour: the last checkpoint, at most one iteration old, stays resumable)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __getstate__(self):
+        return {"requested": False}
+
+    def setup(self, **info) -> None:
+        self.requested = False
+        self._tune_handler = None
+        if threading.current_thread() is threading.main_thread():
+            self._tune_handler = signal.getsignal(signal.SIGINT)  # installed by Tune before callbacks' setup
+            signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _end_run(self) -> None:
+        handler, self._tune_handler = self._tune_handler, None
+        if callable(handler):
+            handler(signal.SIGINT, None)
+        else:
+            raise KeyboardInterrupt
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            self._end_run()
+            return
+        self.requested = True
+        print("\ninterrupt: finishing this iteration and saving a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def on_trial_save(self, iteration, trials, trial, **info) -> None:
+        if self.requested and self._tune_handler is not None:
+            self._end_run()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        pass
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+def _init_ray(address: Optional[str]) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, silent at verbose=0: our bar instead
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
+             logging_level="ERROR")
+
+
+def _check_resources(config, address: Optional[str]) -> None:
+    import ray
+
+    if address is not None:
+        return  # a cluster may scale up
+    need = config.num_cpus_for_main_process + config.num_env_runners * config.num_cpus_per_env_runner
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise ValueError(
+            f"this run needs {need:g} CPUs (1 for the learner + {config.num_env_runners} env runner(s)) but the local "
+            f"Ray has {have:g}: use --env-runners {max(int(have) - 1, 0)} or fewer, or --address to join a cluster"
+        )
+
+
+def run_training(config, total_env_steps: int, run_dir: Path, address: Optional[str] = None,
+                 run_info: Optional[Dict[str, Any]] = None, stream=None) -> Dict[str, Any]:
+    """Train ``config`` for ``total_env_steps`` env steps as one Tune trial whose experiment directory is
+    ``run_dir``. Returns a dict with ``status`` ("finished", "interrupted" or "error"), ``checkpoints`` and
+    ``results`` (a DataFrame)."""
+    from ray import tune
+
+    from rllib_cvpo.cvpo.cvpo import CVPO
+
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = dict(run_info or {})
+    info.update(env=config.env, cost_limit=config.cost_limit, total_env_steps=int(total_env_steps),
+                seed=config.seed, num_env_runners=config.num_env_runners)
+    (run_dir / RUN_FILE).write_text(json.dumps(info, indent=1, default=str))
+    _init_ray(address)
+    _check_resources(config, address)
+    limit = float(sum(config.cost_limits.values()))
+    interrupt = GracefulInterrupt()
+    tuner = tune.Tuner(
+        CVPO,
+        param_space=config,
+        run_config=tune.RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            stop={"num_env_steps_sampled_lifetime": int(total_env_steps)},
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1,  # plus the latest, which Tune always keeps: the best feasible and the latest
+                checkpoint_score_attribute="cvpo/score",
+                checkpoint_score_order="max",
+                checkpoint_frequency=1,
+                checkpoint_at_end=True,
+            ),
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[ProgressBar(total_env_steps, limit, stream), interrupt],
+            verbose=0,
+        ),
+    )
+    return _fit_and_report(tuner, run_dir, limit, interrupt, stream)
+
+
+def resume_training(run_dir: Path, address: Optional[str] = None, stream=None) -> Dict[str, Any]:
+    """Continue an interrupted (or crashed) run from its last checkpoint: env steps, duals, optimizers and the
+    replay buffer carry on where they were."""
+    from ray import tune
+
+    from rllib_cvpo.cvpo.cvpo import CVPO
+
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "tuner.pkl").is_file():
+        raise FileNotFoundError(f"cannot resume {str(run_dir)!r}: not a run directory of `rllib-cvpo train` "
+                                "(no tuner.pkl)")
+    info = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
+    _init_ray(address)
+    tuner = tune.Tuner.restore(str(run_dir), trainable=CVPO, resume_unfinished=True, resume_errored=True)
+    limit = info.get("cost_limit", 25.0)
+    limit = float(sum(limit.values())) if isinstance(limit, dict) else float(limit)
+    # The restored experiment brings its own callbacks (progress bar, graceful interrupt); an unfinished step count
+    # tells an interrupted run from a finished one.
+    return _fit_and_report(tuner, run_dir, limit, None, stream)
+
+
+def _fit_and_report(tuner, run_dir: Path, limit: float, interrupt: Optional[GracefulInterrupt], stream) -> Dict:
+    out = stream or sys.stdout
+    grid = tuner.fit()
+    trials = trial_dirs(run_dir)
+    results = read_results(trials[0]) if trials else None
+    checkpoints = find_checkpoints(run_dir)
+    errors = [r.error for r in grid if r.error is not None]
+    info = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
+    total = int(info.get("total_env_steps", 0))
+    reached = int(results["env_steps"].iloc[-1]) if results is not None and len(results) else 0
+    if errors:
+        status = "error"
+    elif (interrupt is not None and interrupt.requested) or (total and reached < total):
+        status = "interrupted"
+    else:
+        status = "finished"
+    if results is not None and len(results):
+        (run_dir / "summary.txt").write_text(summary_table(results, limit) + "\n")
+        plot_runs([run_dir], run_dir / "curves.png", title=f"{info.get('env', '')} (CVPO, seed {info.get('seed')})",
+                  cost_limit=limit)
+        print("\n" + summary_table(results, limit), file=out)
+        print(f"curves: {run_dir / 'curves.png'}", file=out)
+    for name in ("best", "latest"):
+        if checkpoints.get(name) is not None:
+            label = "best feasible checkpoint" if name == "best" else "latest checkpoint"
+            print(f"{label}: {checkpoints[name]}", file=out)
+    if status == "interrupted":
+        print(f"interrupted at {reached} env steps; resume with: rllib-cvpo train --resume {run_dir}", file=out)
+    if status == "error":
+        print(f"the run failed: {errors[0]}", file=out)
+    return {"status": status, "checkpoints": checkpoints, "results": results, "errors": errors}

@@ -1,0 +1,242 @@
+"""The rllib-cvpo command, run as a user runs it (a subprocess): bad input, train -> checkpoint -> evaluate -> plot,
+Ctrl-C and a crash mid-run, then --resume. Training runs join the tests' shared Ray through --address."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CLI = [sys.executable, "-m", "rllib_cvpo.cli"]
+
+# Small and quick on the built-in task: 1000 env steps per iteration, one evaluation episode per iteration.
+SMALL = """\
+gamma: 0.97
+num_steps_sampled_before_learning_starts: 500
+updates_per_env_step: 0.25
+train_batch_size_per_learner: 64
+num_action_samples: 8
+min_sample_timesteps_per_iteration: 1000
+rollout_fragment_length: 50
+evaluation_duration: 1
+model_config: {fcnet_hiddens: [32, 32]}
+"""
+
+
+def run_cli(*args, timeout=600, **kw):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+@pytest.fixture(scope="module")
+def small_yaml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "small.yaml"
+    path.write_text(SMALL)
+    return path
+
+
+def assert_usage_error(proc, *fragments):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr  # one line, no traceback
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+def test_unknown_env_is_one_line_and_exit_2():
+    assert_usage_error(run_cli("train", "--env", "SafetyPointGoa1-v0"), "unknown env id 'SafetyPointGoa1-v0'",
+                       "SafetyPointGoal1-v0")
+
+
+@pytest.mark.parametrize("value", ["-5", "abc", "nan"])
+def test_bad_cost_limit_is_one_line_and_exit_2(value):
+    assert_usage_error(run_cli("train", "--cost-limit", value), "--cost-limit", f"expected a number >= 0, got '{value}'")
+
+
+def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
+    assert_usage_error(run_cli("evaluate", tmp_path / "nope"), "checkpoint not found", "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_usage_error(run_cli("evaluate", empty), "no checkpoint in", "rllib-cvpo train")
+
+
+def test_corrupt_checkpoint_is_one_line_and_exit_2(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    module_dir = ckpt / "learner_group" / "learner" / "rl_module" / "default_policy"
+    module_dir.mkdir(parents=True)
+    (ckpt / "rllib_checkpoint.json").write_text('{"checkpoint_version": "2.1"}')
+    (ckpt / "class_and_ctor_args.pkl").write_bytes(b"not a pickle")
+    (module_dir / "module_state.pkl").write_bytes(b"\x00garbage")
+    assert_usage_error(run_cli("evaluate", ckpt), "unreadable checkpoint", str(ckpt))
+
+
+def test_unknown_config_key_names_file_line_and_key(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("cost_limit: 10\nestep_kll: 0.1\n")
+    assert_usage_error(run_cli("train", "--config", cfg), f"{cfg}:2", "unknown config key 'estep_kll'", "estep_kl")
+
+
+def test_malformed_config_and_bad_values_are_one_line_and_exit_2(tmp_path):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("cost_limit: 10\nestep_kl: [0.1\n")
+    assert_usage_error(run_cli("train", "--config", cfg), f"{cfg}:", "malformed YAML")
+    cfg.write_text("estep_kl: -0.1\n")
+    assert_usage_error(run_cli("train", "--config", cfg), "estep_kl must be > 0.0, got -0.1")
+    assert_usage_error(run_cli("train", "--resume", tmp_path), "cannot resume", "not a run directory")
+
+
+# -- envs ----------------------------------------------------------------------------------------------------------
+def test_envs_lists_tasks_with_sizes_and_length():
+    proc = run_cli("envs")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[1:] if line.startswith(("Safety", "Speed"))}
+    assert rows["SpeedLimit-v0"] == ["2", "2", "200"]
+    assert rows["SafetyPointGoal1-v0"] == ["60", "2", "1000"]
+    assert rows["SafetyPointCircle1-v0"] == ["28", "2", "500"]
+    assert rows["SafetyHalfCheetahVelocity-v1"] == ["17", "6", "1000"]
+
+
+# -- end to end ----------------------------------------------------------------------------------------------------
+def _address(ray_local):
+    return ray_local.get_runtime_context().gcs_address
+
+
+def _results(run_dir: Path):
+    trial = next(p for p in run_dir.iterdir() if (p / "result.json").is_file())
+    rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+    return trial, rows
+
+
+def test_train_checkpoint_evaluate_plot_end_to_end(ray_local, small_yaml, tmp_path):
+    proc = run_cli("train", "--env", "SpeedLimit-v0", "--total-env-steps", 3000, "--env-runners", 0, "--seed", 1,
+                   "--config", small_yaml, "--output", tmp_path, "--name", "e2e", "--address", _address(ray_local))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "e2e"
+    # Progress lines (not a terminal: one per iteration) with steps, return, cost against the limit, time left.
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert len(progress) == 3 and "3000/3000 steps" in progress[-1] and "/ 25" in progress[-1]
+    assert "left" in progress[-1]
+    assert "best feasible checkpoint:" in proc.stdout and "latest checkpoint:" in proc.stdout
+    assert "env steps" in (run_dir / "summary.txt").read_text()
+    trial, rows = _results(run_dir)
+    assert [r["cvpo"]["env_steps"] for r in rows] == [1000, 2000, 3000]
+    assert all(np.isfinite(r["cvpo"]["eval_return"]) and np.isfinite(r["cvpo"]["eval_cost"]) for r in rows)
+
+    # evaluate: the run directory resolves to its best feasible checkpoint; deterministic, seeded episodes.
+    ev = run_cli("evaluate", run_dir, "--episodes", 3, "--seed", 5, "--json", "--video", tmp_path / "videos")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    out = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert out["env"] == "SpeedLimit-v0" and out["episodes"] == 3 and len(out["returns"]) == 3
+    assert np.isclose(out["return_mean"], np.mean(out["returns"])) and np.isclose(out["cost_mean"], np.mean(out["costs"]))
+    assert out["over_limit_fraction"] == np.mean(np.array(out["costs"]) > 25.0)
+    again = json.loads(run_cli("evaluate", run_dir, "--episodes", 3, "--seed", 5, "--json").stdout.splitlines()[-1])
+    assert again["returns"] == out["returns"]  # deterministic
+    import imageio.v2 as imageio
+
+    video = Path(out["videos"][0])
+    frames = np.stack([f for f in imageio.get_reader(video, format="FFMPEG")])  # its len() is inf: no list()
+    assert frames.shape[0] == 201 and frames.shape[-1] == 3 and frames.std() > 5  # reset frame + 200 steps
+
+    # plot: the curves are the run's own data, drawn into a PNG; the run's curves.png exists too.
+    from rllib_cvpo.runs import collect_curves
+
+    png = tmp_path / "plot.png"
+    pl = run_cli("plot", run_dir, run_dir, "--out", png)
+    assert pl.returncode == 0, pl.stderr
+    curves = collect_curves([run_dir])
+    np.testing.assert_allclose(curves["eval_return"]["steps"], [1000, 2000, 3000])
+    np.testing.assert_allclose(curves["eval_return"]["mean"], [r["cvpo"]["eval_return"] for r in rows])
+    np.testing.assert_allclose(curves["episode_cost"]["mean"], [r["cvpo"]["episode_cost"] for r in rows])
+    assert curves["cost_limit"] == 25.0
+    image = imageio.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 300 and image.std() > 10
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+
+
+def _wait_for(predicate, timeout, what, proc=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _learner_state(checkpoint: Path):
+    import pickle
+
+    with open(checkpoint / "learner_group" / "learner" / "state.pkl", "rb") as fh:
+        return pickle.load(fh)["cvpo_state"]
+
+
+def test_interrupt_and_crash_then_resume_continue_steps_and_duals(ray_local, small_yaml, tmp_path):
+    address = _address(ray_local)
+    run_dir = tmp_path / "resumable"
+    args = ["train", "--env", "SpeedLimit-v0", "--total-env-steps", 6000, "--env-runners", 0, "--config", small_yaml,
+            "--output", tmp_path, "--name", "resumable", "--address", address]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        def iterations():
+            try:
+                return len(_results(run_dir)[1])
+            except (StopIteration, FileNotFoundError, ValueError):
+                return 0
+
+        _wait_for(lambda: iterations() >= 2, 300, "two iterations", proc)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=300) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = (tmp_path / "first.log").read_text()
+    assert "interrupt: finishing this iteration and saving a checkpoint" in text
+    assert f"resume with: rllib-cvpo train --resume {run_dir}" in text
+    trial, rows = _results(run_dir)
+    stopped_at = rows[-1]["cvpo"]["env_steps"]
+    assert 2000 <= stopped_at < 6000
+    # Ctrl-C saved a checkpoint of the last iteration it let finish.
+    latest = max(trial.glob("checkpoint_*"))
+    saved = _learner_state(latest)
+    assert saved["__env_steps__"] == stopped_at and saved["default_policy"]["num_updates"] > 0
+    assert json.loads((latest / "cvpo_metadata.json").read_text())["env_steps"] == stopped_at
+
+    # Resume, then crash (SIGKILL, no chance to save) after one more iteration; resume again to the end.
+    log2 = open(tmp_path / "second.log", "w")
+    proc = subprocess.Popen([*CLI, "train", "--resume", str(run_dir), "--address", address], stdout=log2,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: len(_results(run_dir)[1]) >= len(rows) + 1, 300, "an iteration after resuming", proc)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, rows2 = _results(run_dir)
+    first_resumed = rows2[len(rows)]
+    # Steps and the learner state continued from the checkpoint instead of starting over.
+    assert first_resumed["cvpo"]["env_steps"] == stopped_at + 1000
+    assert first_resumed["training_iteration"] == rows[-1]["training_iteration"] + 1
+    updates = first_resumed["learners"]["default_policy"]["num_cvpo_updates"]
+    assert updates > saved["default_policy"]["num_updates"]
+
+    time.sleep(2)  # let the killed driver's trial actor be cleaned up
+    final = run_cli("train", "--resume", run_dir, "--address", address)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    from rllib_cvpo.runs import read_results
+
+    trial, _ = _results(run_dir)
+    steps = read_results(trial)["env_steps"].tolist()  # one row per iteration (a re-run iteration keeps its last)
+    assert steps == list(range(1000, 6001, 1000))  # never restarted from 0
+    end_state = _learner_state(max(trial.glob("checkpoint_*")))
+    assert end_state["__env_steps__"] == 6000
+    assert end_state["default_policy"]["num_updates"] > updates
