@@ -9,7 +9,11 @@ def __getattr__(name):
         from rllib_cvpo.cvpo import cvpo
 
         return getattr(cvpo, name)
+    if name in ("load_policy", "CVPOPolicy", "CheckpointError"):
+        from rllib_cvpo import policy
+
+        return getattr(policy, name)
     raise AttributeError(name)
 
 
-__all__ = ["CVPO", "CVPOConfig", "__version__"]
+__all__ = ["CVPO", "CVPOConfig", "CVPOPolicy", "CheckpointError", "load_policy", "__version__"]

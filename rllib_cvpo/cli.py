@@ -89,6 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--title", default=None)
 
     sub.add_parser("envs", help="the supported tasks with observation and action sizes and episode length")
+
+    sw = sub.add_parser("sweep", help="run a Ray Tune sweep from a YAML file (tune_configs/)")
+    sw.add_argument("file", help="sweep file (schema: tune_configs/README.md)")
+    sw.add_argument("--storage", default="sweeps", help="local path or URI (s3://, gs://, a shared filesystem) "
+                                                         "for results and checkpoints (default ./sweeps)")
+    sw.add_argument("--address", default=None, help="join an existing Ray cluster (default: a local Ray)")
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+
+    rp = sub.add_parser("report", help="table, best feasible configuration, CSV and Pareto plot of a sweep")
+    rp.add_argument("sweep_dir")
+    rp.add_argument("--out", default=None, help="directory for report.csv, trials.csv, pareto.png (default: sweep dir)")
+    rp.add_argument("--last", type=_positive_int, default=1, help="average the last N iterations' evaluations (default 1)")
+
+    sv = sub.add_parser("serve", help="serve a trained policy over HTTP with Ray Serve")
+    sv.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its best feasible checkpoint)")
+    sv.add_argument("--port", type=_positive_int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    sv.add_argument("--replicas", type=_positive_int, default=1)
+    sv.add_argument("--address", default=None, help="join an existing Ray cluster (default: a local Ray)")
     return parser
 
 
@@ -248,12 +267,92 @@ def cmd_envs(args) -> int:
     return 0
 
 
+# -- sweep, report, serve -----------------------------------------------------------------------------------------
+def cmd_sweep(args) -> int:
+    from rllib_cvpo.sweep import load_sweep, run_sweep
+    from rllib_cvpo.training import ConfigFileError
+
+    try:
+        spec = load_sweep(args.file)
+    except ConfigFileError as err:
+        raise UsageError(str(err)) from None
+    try:
+        grid = run_sweep(spec, args.storage, address=args.address, resume=args.resume)
+    except (FileNotFoundError, FileExistsError) as err:
+        raise UsageError(str(err)) from None
+    except ValueError as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    errors = [r.error for r in grid if r.error is not None]
+    print(f"{len(grid)} trials, {len(errors)} failed; results: {grid.experiment_path}")
+    print(f"report: rllib-cvpo report {grid.experiment_path}")
+    return 1 if errors else 0
+
+
+def cmd_report(args) -> int:
+    import pandas as pd
+
+    from rllib_cvpo.sweep import report
+
+    if not Path(args.sweep_dir).is_dir():
+        raise UsageError(f"sweep directory not found: {args.sweep_dir!r}")
+    try:
+        out = report(args.sweep_dir, args.out, last_k=args.last)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    with pd.option_context("display.max_columns", 30, "display.width", 200):
+        print(out["table"].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    best = out["best"]
+    if best is not None:
+        kind = "best feasible configuration" if best["feasible"] else "no feasible configuration; least violating"
+        keys = [k for k in out["trials"].attrs.get("search_keys", [])]
+        desc = ", ".join(f"{k}={best[k]}" for k in keys) or f"cost_limit={best['cost_limit']}"
+        print(f"{kind}: {desc}: return {best['return_mean']:.2f}, cost {best['cost_mean']:.2f} "
+              f"(limit {best['cost_limit']:g})")
+        print(f"checkpoint: {best['checkpoint']}")
+    print(f"wrote {out['csv']}, {out['csv'].parent / 'trials.csv'}, {out['png']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import signal
+
+    import ray
+    from ray import serve
+
+    from rllib_cvpo.policy import CheckpointError, load_policy
+    from rllib_cvpo.serve import start
+    from rllib_cvpo.training import _init_ray
+
+    try:
+        load_policy(args.checkpoint)  # fail here, in one line, rather than inside a replica
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    _init_ray(args.address)
+    start(args.checkpoint, port=args.port, host=args.host, num_replicas=args.replicas)
+    print(f"serving {args.checkpoint} at http://{args.host}:{args.port}/ (GET: metadata, POST {{\"obs\": [...]}}: "
+          "actions); Ctrl-C stops", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    serve.delete("cvpo")
+    if args.address is None:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "envs": cmd_envs}[args.command](args)
+        commands = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "envs": cmd_envs,
+                    "sweep": cmd_sweep, "report": cmd_report, "serve": cmd_serve}
+        return commands[args.command](args)
     except UsageError as err:
         print(f"rllib-cvpo: error: {err}", file=sys.stderr)
         return 2

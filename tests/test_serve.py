@@ -1,0 +1,119 @@
+"""`rllib-cvpo serve`: real HTTP requests against a Ray Serve deployment of a trained checkpoint."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from helpers import small_config
+
+CLI = [sys.executable, "-m", "rllib_cvpo.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url, body=None, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(ray_local, tmp_path_factory):
+    algo = small_config().build_algo()
+    try:
+        for _ in range(2):
+            algo.train()
+        return algo.save_to_path(str(tmp_path_factory.mktemp("serve") / "ckpt"))
+    finally:
+        algo.stop()
+
+
+def test_served_policy_answers_like_evaluate_and_survives_bad_requests(ray_local, checkpoint, tmp_path):
+    from rllib_cvpo import load_policy
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([*CLI, "serve", checkpoint, "--port", str(port), "--address",
+                             ray_local.get_runtime_context().gcs_address], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                status, meta = _request(url)
+                if status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                pass
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.5)
+
+        assert meta["env"] == "SpeedLimit-v0" and meta["observation_shape"] == [2]
+        assert meta["action_low"] == [-1.0, -1.0] and meta["action_high"] == [1.0, 1.0]
+        assert meta["cost_limit"] == 25.0 and meta["env_steps_trained"] == 800
+
+        policy = load_policy(checkpoint)  # what `rllib-cvpo evaluate` acts with
+        rng = np.random.default_rng(0)
+        batch = np.column_stack([rng.uniform(0.25, 2, 8), rng.uniform(-1, 1, 8)]).astype(np.float32)
+        status, one = _request(url, {"obs": batch[0].tolist()})
+        assert status == 200
+        np.testing.assert_allclose(one["action"], policy.act(batch[0]), rtol=1e-6, atol=1e-7)
+        assert len(one["cost_value"]) == 1 and np.isfinite(one["cost_value"][0])
+        np.testing.assert_allclose(one["cost_value"], policy.cost_value(batch[0], policy.act(batch[0])), rtol=1e-5)
+        status, many = _request(url, {"obs": batch.tolist()})
+        assert status == 200
+        np.testing.assert_allclose(many["actions"], policy.act(batch), rtol=1e-6, atol=1e-7)
+        assert np.asarray(many["cost_values"]).shape == (8, 1)
+
+        bad = [
+            (None, b"{not json", "malformed JSON"),
+            ({"obs": [1.0, 2.0, 3.0]}, None, "observation shape [3] does not match the policy's [2]"),
+            ({"obs": [[1.0], [2.0]]}, None, "does not match"),
+            ({"obs": [float("nan"), 0.0]}, None, "NaN"),
+            ({"obs": ["a", "b"]}, None, "numeric"),
+            ({"observation": [1.0, 0.0]}, None, 'expected a JSON object {"obs": [...]}'),
+        ]
+        for body, raw, message in bad:
+            status, answer = _request(url, body, raw)
+            assert 400 <= status < 500, (body, status, answer)
+            assert message in answer["error"], answer
+            status, good = _request(url, {"obs": batch[1].tolist()})  # still serving
+            assert status == 200 and len(good["action"]) == 2
+
+        # A burst of concurrent requests: every one answered, correctly.
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            answers = list(pool.map(lambda i: _request(url, {"obs": batch[i % 8].tolist()}), range(128)))
+        assert all(status == 200 for status, _ in answers)
+        for i, (_, answer) in enumerate(answers):
+            np.testing.assert_allclose(answer["action"], many["actions"][i % 8], rtol=1e-6, atol=1e-7)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def test_serve_rejects_an_unreadable_checkpoint_with_exit_2(tmp_path):
+    proc = subprocess.run([*CLI, "serve", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "checkpoint not found" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,183 @@
+"""Sweeps: the file schema and its errors, an interrupted sweep resumed without repeating finished trials, and the
+report's choice of the best feasible configuration."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rllib_cvpo.sweep import load_sweep, report
+from rllib_cvpo.training import ConfigFileError
+
+CLI = [sys.executable, "-m", "rllib_cvpo.cli"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["cost_limit_sweep", "kl_bounds_sweep", "speed_limit_quick"])
+def test_shipped_sweep_files_parse_and_build(name):
+    from rllib_cvpo.sweep import build_param_space
+
+    spec = load_sweep(REPO / "tune_configs" / f"{name}.yaml")
+    space = build_param_space(spec)
+    for key, dist in spec["search"].items():
+        assert key in space and space[key] is not None
+    assert space["seed"] == {"grid_search": spec["seeds"]}
+
+
+@pytest.mark.parametrize(
+    "text, line, fragment",
+    [
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1, 2]}\nseedz: [0]\n", 4, "unknown key 'seedz'; did you mean seeds"),
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limt: {grid: [1, 2]}\n", 3, "unknown CVPOConfig setting 'cost_limt' in 'search'"),
+        ("env: SpeedLimit-v0\nbase:\n  gama: 0.9\nsearch:\n  cost_limit: {grid: [1]}\n", 3, "unknown CVPOConfig setting 'gama'"),
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {range: [1, 2]}\n", 3, "search.cost_limit must be one of"),
+        ("env: SpeedLimit-v0\nsearch:\n  actor_lr: {loguniform: [0, 1]}\n", 3, "loguniform needs low > 0"),
+        ("env: SpeedLimit-v0\nsearch:\n  kl_mean: {uniform: [2, 1]}\n", 3, "low < high"),
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nresources: {gpus: 1}\n", 4, "unknown key 'gpus' in 'resources'"),
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1, 2]\n", 4, "malformed YAML"),
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nseeds: [a]\n", 4, "'seeds' must be a non-empty list of integers"),
+    ],
+)
+def test_malformed_sweep_file_names_key_and_line(tmp_path, text, line, fragment):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigFileError) as info:
+        load_sweep(path)
+    assert str(info.value).startswith(f"{path}:{line}:"), str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_malformed_sweep_file_through_the_command_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("env: SpeedLimit-v0\nsearch:\n  cost_limt: {grid: [1, 2]}\n")
+    proc = subprocess.run([*CLI, "sweep", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and f"{path}:3: unknown CVPOConfig setting 'cost_limt'" in proc.stderr
+
+
+# -- report on a constructed sweep ---------------------------------------------------------------------------------
+def _fake_trial(root: Path, name: str, cost_limit: float, seed: int, returns, costs):
+    trial = root / name
+    ckpt = trial / "checkpoint_000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "rllib_checkpoint.json").write_text("{}")
+    (trial / "params.json").write_text(json.dumps({"cost_limit": cost_limit, "seed": seed, "gamma": 0.99}))
+    with open(trial / "result.json", "w") as fh:
+        for i, (r, c) in enumerate(zip(returns, costs)):
+            summary = {"env_steps": 1000 * (i + 1), "eval_return": r, "eval_cost": c,
+                       "eval_over_limit": float(c > cost_limit), "episode_return": r, "episode_cost": c,
+                       "episode_over_limit": 0.0, "cost_limit": cost_limit, "feasible": float(c <= cost_limit),
+                       "score": r if c <= cost_limit else -1e9 - c}
+            fh.write(json.dumps({"training_iteration": i + 1, "cvpo": summary,
+                                 "checkpoint_dir_name": "checkpoint_000001" if i == len(returns) - 1 else None}) + "\n")
+
+
+def test_report_picks_the_feasible_best_not_the_highest_return(tmp_path):
+    root = tmp_path / "sweep"
+    # limit 50: the highest return (about 120) at a cost above its limit on average -> infeasible.
+    _fake_trial(root, "t_50_0", 50.0, 0, [10, 118], [20, 70])
+    _fake_trial(root, "t_50_1", 50.0, 1, [10, 122], [20, 64])
+    # limit 25: feasible, return about 80; seed 1 violates on its own, seed 0 does not.
+    _fake_trial(root, "t_25_0", 25.0, 0, [5, 78], [30, 20])
+    _fake_trial(root, "t_25_1", 25.0, 1, [5, 84], [30, 28])
+    # limit 10: feasible, lower return.
+    _fake_trial(root, "t_10_0", 10.0, 0, [5, 40], [5, 6])
+    _fake_trial(root, "t_10_1", 10.0, 1, [5, 44], [5, 8])
+    out = report(root)
+    table, best = out["table"], out["best"]
+    assert list(table["cost_limit"]) == [10.0, 25.0, 50.0]
+    row50 = table[table["cost_limit"] == 50.0].iloc[0]
+    assert row50["return_mean"] == pytest.approx(120.0) and not row50["feasible"]
+    row25 = table[table["cost_limit"] == 25.0].iloc[0]
+    assert row25["return_mean"] == pytest.approx(81.0) and row25["cost_mean"] == pytest.approx(24.0)
+    assert row25["return_std"] == pytest.approx(np.std([78, 84], ddof=1))
+    assert row25["over_limit"] == pytest.approx(0.5)
+    assert best["cost_limit"] == 25.0 and best["feasible"]
+    # Its checkpoint: the best-returning seed that is itself within the limit (seed 0), not seed 1.
+    assert best["checkpoint"].endswith("t_25_0/checkpoint_000001")
+    csv = (root / "report.csv").read_text().splitlines()
+    assert csv[0].startswith("cost_limit,return_mean,return_std,cost_mean,cost_std") and len(csv) == 4
+    assert (root / "pareto.png").stat().st_size > 10_000
+    proc = subprocess.run([*CLI, "report", str(root)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "best feasible configuration: cost_limit=25.0" in proc.stdout
+    assert "t_25_0/checkpoint_000001" in proc.stdout
+
+
+# -- a real sweep, interrupted and resumed -------------------------------------------------------------------------
+SWEEP = """\
+name: interrupted
+env: SpeedLimit-v0
+total_env_steps: 2000
+base:
+  gamma: 0.97
+  num_steps_sampled_before_learning_starts: 500
+  updates_per_env_step: 0.25
+  train_batch_size_per_learner: 64
+  num_action_samples: 8
+  min_sample_timesteps_per_iteration: 1000
+  rollout_fragment_length: 50
+  evaluation_duration: 1
+  model_config: {fcnet_hiddens: [32, 32]}
+search:
+  cost_limit: {grid: [15, 30]}
+seeds: [0]
+resources: {env_runners: 0}
+max_concurrent_trials: 1
+"""
+
+
+def _rows(trial: Path):
+    f = trial / "result.json"
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+
+
+def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, tmp_path):
+    address = ray_local.get_runtime_context().gcs_address
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP)
+    storage = tmp_path / "store"
+    sweep_dir = storage / "interrupted"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([*CLI, "sweep", str(path), "--storage", str(storage), "--address", address],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+    def trials():
+        return sorted(p for p in sweep_dir.glob("CVPO_*") if p.is_dir()) if sweep_dir.is_dir() else []
+
+    def first_done_second_started():
+        ts = [t for t in trials() if _rows(t)]
+        done = [t for t in ts if _rows(t)[-1]["cvpo"]["env_steps"] >= 2000]
+        return len(done) == 1 and len(ts) == 2
+
+    try:
+        deadline = time.time() + 400
+        while not first_done_second_started():
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "timed out waiting for the second trial"
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    finished = next(t for t in trials() if _rows(t)[-1]["cvpo"]["env_steps"] >= 2000)
+    unfinished = next(t for t in trials() if t != finished)
+    before = (finished / "result.json").read_bytes()
+    assert _rows(unfinished)[-1]["cvpo"]["env_steps"] < 2000  # interrupted mid-way
+
+    resumed = subprocess.run([*CLI, "sweep", str(path), "--storage", str(storage), "--address", address, "--resume"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert (finished / "result.json").read_bytes() == before  # not run again
+    steps = [r["cvpo"]["env_steps"] for r in _rows(unfinished)]
+    assert steps[-1] == 2000 and steps[0] == 1000 and steps == sorted(steps)
+    assert len(trials()) == 2
+    out = report(sweep_dir)
+    assert sorted(out["table"]["cost_limit"]) == [15.0, 30.0] and set(out["table"]["seeds"]) == {1}
+    assert out["best"] is not None and Path(out["best"]["checkpoint"]).is_dir()
