@@ -64,27 +64,34 @@ def _checkpoint_dirs(trial: Path) -> List[Path]:
     return sorted(p for p in trial.glob("checkpoint_*") if (p / "rllib_checkpoint.json").is_file())
 
 
+def checkpoint_summary(checkpoint: Path) -> Dict:
+    """The iteration summary CVPO wrote into a checkpoint (``cvpo_metadata.json``), or {}."""
+    try:
+        meta = json.loads((Path(checkpoint) / "cvpo_metadata.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    summary = dict(meta.get("summary") or {})
+    summary["training_iteration"] = meta.get("training_iteration")
+    return summary
+
+
 def find_checkpoints(run_dir: str | Path) -> Dict[str, Optional[Path]]:
     """{"latest": newest checkpoint, "best": best feasible (evaluation cost within the limit first, then return;
-    the least-violating one if none is feasible)} for a single-trial run directory (or a trial directory)."""
+    the least-violating one if none is feasible)} for a single-trial run directory (or a trial directory). Ranks
+    by the summary each checkpoint carries, so it holds whatever Tune kept."""
     trials = trial_dirs(run_dir)
     if len(trials) != 1:
         return {"latest": None, "best": None}
-    trial = trials[0]
-    existing = _checkpoint_dirs(trial)
+    existing = _checkpoint_dirs(trials[0])
     if not existing:
         return {"latest": None, "best": None}
     latest = existing[-1]
-    best = latest
-    try:
-        df = read_results(trial)
-    except OSError:
-        df = pd.DataFrame()
-    if len(df):
-        names = {p.name for p in existing}
-        ranked = df[df["checkpoint_dir_name"].isin(names) & df["score"].notna()]
-        if len(ranked):
-            best = trial / ranked.sort_values(["score", "training_iteration"]).iloc[-1]["checkpoint_dir_name"]
+    ranked = []
+    for index, ckpt in enumerate(existing):
+        score = checkpoint_summary(ckpt).get("score")
+        if isinstance(score, (int, float)) and math.isfinite(score):
+            ranked.append((score, index, ckpt))
+    best = max(ranked)[2] if ranked else latest
     return {"latest": latest, "best": best}
 
 

@@ -290,7 +290,7 @@ def run_training(config, total_env_steps: int, run_dir: Path, address: Optional[
             stop={"num_env_steps_sampled_lifetime": int(total_env_steps)},
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=1,  # plus the latest, which Tune always keeps: the best feasible and the latest
-                checkpoint_score_attribute="cvpo/score",
+                checkpoint_score_attribute="cvpo_score",
                 checkpoint_score_order="max",
                 checkpoint_frequency=1,
                 checkpoint_at_end=True,

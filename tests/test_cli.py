@@ -128,6 +128,15 @@ def test_train_checkpoint_evaluate_plot_end_to_end(ray_local, small_yaml, tmp_pa
     trial, rows = _results(run_dir)
     assert [r["cvpo"]["env_steps"] for r in rows] == [1000, 2000, 3000]
     assert all(np.isfinite(r["cvpo"]["eval_return"]) and np.isfinite(r["cvpo"]["eval_cost"]) for r in rows)
+    # Kept: the latest checkpoint and the best-scoring one (feasible first, then return), nothing else.
+    from rllib_cvpo.runs import checkpoint_summary, find_checkpoints
+
+    kept = sorted(trial.glob("checkpoint_*"))
+    assert 1 <= len(kept) <= 2
+    found = find_checkpoints(run_dir)
+    assert found["latest"] == kept[-1] and checkpoint_summary(kept[-1])["env_steps"] == 3000
+    best_score = max(r["cvpo"]["score"] for r in rows)
+    assert checkpoint_summary(found["best"])["score"] == best_score
 
     # evaluate: the run directory resolves to its best feasible checkpoint; deterministic, seeded episodes.
     ev = run_cli("evaluate", run_dir, "--episodes", 3, "--seed", 5, "--json", "--video", tmp_path / "videos")
@@ -240,3 +249,21 @@ def test_interrupt_and_crash_then_resume_continue_steps_and_duals(ray_local, sma
     end_state = _learner_state(max(trial.glob("checkpoint_*")))
     assert end_state["__env_steps__"] == 6000
     assert end_state["default_policy"]["num_updates"] > updates
+
+
+def test_best_checkpoint_is_feasible_first_then_return(tmp_path):
+    from rllib_cvpo.runs import find_checkpoints
+
+    trial = tmp_path / "run" / "CVPO_x"
+    trial.mkdir(parents=True)
+    (trial / "result.json").write_text("")
+    # (score as CVPO computes it): an infeasible high return ranks below every feasible one.
+    for i, (ret, cost) in enumerate([(50.0, 10.0), (90.0, 40.0), (70.0, 20.0), (30.0, 5.0)]):
+        ckpt = trial / f"checkpoint_{i:06d}"
+        ckpt.mkdir()
+        (ckpt / "rllib_checkpoint.json").write_text("{}")
+        score = ret if cost <= 25.0 else -1e9 - (cost - 25.0)
+        (ckpt / "cvpo_metadata.json").write_text(json.dumps(
+            {"training_iteration": i + 1, "summary": {"eval_return": ret, "eval_cost": cost, "score": score}}))
+    found = find_checkpoints(tmp_path / "run")
+    assert found["best"].name == "checkpoint_000002" and found["latest"].name == "checkpoint_000003"

@@ -38,6 +38,7 @@ log_once("CVPO_on_new_api_stack")
 
 REPLAY_STATE = "cvpo_replay_buffer"
 SUMMARY = "cvpo"  # the per-iteration summary that reports, checkpoint ranking and the command line read
+SCORE = "cvpo_score"  # = result[SUMMARY]["score"]: feasible first, then return (the checkpoint ranking)
 INFEASIBLE_SCORE_OFFSET = -1e9
 
 
@@ -409,6 +410,8 @@ class CVPO(Algorithm):
     def step(self) -> Dict[str, Any]:
         result = super().step()
         result[SUMMARY] = self.summarize(result)
+        # Top level too: Tune's checkpoint ranking looks the score attribute up without flattening nested keys.
+        result[SCORE] = result[SUMMARY]["score"]
         self._last_summary = result[SUMMARY]
         return result
 
