@@ -52,7 +52,7 @@ def _solve_my_shard(learner):
     half = qr.shape[0] // 2
     shard = slice(rank * half, (rank + 1) * half)
     problem = estep.DualProblem(torch.from_numpy(qr[shard]), torch.from_numpy(qc[shard]), 0.05, thresholds,
-                                reduce=learner._allreduce_sum)
+                                reduce=learner._allreduce_numpy)
     sol = estep.solve_dual_newton(problem, 1.0, np.zeros(2), eta_min=1e-6, eta_max=1e4, lam_max=1e3)
     return rank, sol.eta, np.array(sol.lam), sol.value
 

@@ -85,6 +85,10 @@ class CVPOTorchLearner(TorchLearner):
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
 
+    def _allreduce_numpy(self, x: np.ndarray) -> np.ndarray:
+        """The E-step dual's per-state sums (a small float64 vector), summed over learners."""
+        return self._allreduce_sum(torch.from_numpy(x)).numpy() if self._world > 1 else x
+
     def _global_mean(self, x: torch.Tensor) -> float:
         if self._world == 1:
             return float(x.mean())
@@ -149,7 +153,7 @@ class CVPOTorchLearner(TorchLearner):
             qr_s = eqr.min(0).values.reshape(n, batch_size).t()
             qc_s = eqc.reshape(m, n, batch_size).permute(2, 1, 0)
             thresholds = cfg.qc_thresholds(self._env_steps)
-            problem = estep.DualProblem(qr_s, qc_s, cfg.estep_kl, thresholds, reduce=self._allreduce_sum)
+            problem = estep.DualProblem(qr_s, qc_s, cfg.estep_kl, thresholds, reduce=self._allreduce_numpy)
             bounds = dict(eta_min=cfg.eta_min, eta_max=cfg.eta_max, lam_max=cfg.lambda_max)
             if cfg.estep_solver == "cvxpy" and self._world == 1:
                 sol = estep.solve_dual_cvxpy(problem, **bounds)
