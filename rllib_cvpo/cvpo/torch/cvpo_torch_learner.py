@@ -148,17 +148,18 @@ class CVPOTorchLearner(TorchLearner):
         with torch.no_grad():
             mean_o, std_o = module.policy(obs, module.pi_old)
             u = mean_o + std_o * torch.randn(n, *mean_o.shape, dtype=mean_o.dtype, device=mean_o.device)
-            obs_rep = obs.reshape(batch_size, -1).unsqueeze(0).expand(n, -1, -1).reshape(n * batch_size, -1)
-            eqr, eqc = module.q_values(obs_rep, torch.tanh(u).reshape(n * batch_size, -1), target=True)
+            eqr, eqc = module.q_values_sampled(obs, torch.tanh(u), target=True)
             qr_s = eqr.min(0).values.reshape(n, batch_size).t()
             qc_s = eqc.reshape(m, n, batch_size).permute(2, 1, 0)
             thresholds = cfg.qc_thresholds(self._env_steps)
+            t_dual = time.perf_counter()
             problem = estep.DualProblem(qr_s, qc_s, cfg.estep_kl, thresholds, reduce=self._allreduce_numpy)
             bounds = dict(eta_min=cfg.eta_min, eta_max=cfg.eta_max, lam_max=cfg.lambda_max)
             if cfg.estep_solver == "cvxpy" and self._world == 1:
                 sol = estep.solve_dual_cvxpy(problem, **bounds)
             else:
                 sol = estep.solve_dual_newton(problem, state["eta"], state["lam"], **bounds)
+            t_dual = time.perf_counter() - t_dual
             state["eta"], state["lam"] = sol.eta, sol.lam
             # This learner's shard of the last E-step (kept by reference, no copy) for diagnostics and tests.
             self.last_estep[mid] = {"qr": qr_s, "qc": qc_s, "thresholds": thresholds, "solution": sol}
@@ -200,6 +201,7 @@ class CVPOTorchLearner(TorchLearner):
             "policy_std": float(std.detach().mean()),
             "time_critic_s": t1 - t0,
             "time_estep_s": t2 - t1,
+            "time_dual_s": t_dual,
             "time_mstep_s": t3 - t2,
             "num_cvpo_updates": state["num_updates"],
         }

@@ -70,6 +70,19 @@ class CriticEnsemble(nn.Module):
         x = torch.cat([obs, actions], dim=-1)
         return self.net(x.unsqueeze(0).expand(self.members, *x.shape)).squeeze(-1)
 
+    def forward_sampled(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q for N actions per state: obs [B, do], actions [N, B, da] -> [E, N * B] (row n * B + b). Same values as
+        ``forward`` on the repeated observations, but the first layer's observation part is computed once per state
+        (not N times) and broadcast: the E-step's critic evaluation is most of an update."""
+        first = self.net[0]
+        n, b, da = actions.shape
+        do = obs.shape[-1]
+        e = self.members
+        h_obs = torch.baddbmm(first.bias, obs.unsqueeze(0).expand(e, b, do), first.weight[:, :do, :])  # [E, B, H]
+        h_act = torch.bmm(actions.reshape(1, n * b, da).expand(e, n * b, da), first.weight[:, do:, :])  # [E, NB, H]
+        h = (h_act.view(e, n, b, -1) + h_obs.unsqueeze(1)).view(e, n * b, -1)
+        return self.net[1:](h).squeeze(-1)
+
 
 class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
     """Policy ``pi`` (obs -> mean and log-std of a Gaussian squashed by tanh into [-1, 1]^d), and, on learners only,
@@ -107,6 +120,11 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
     def q_values(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False):
         """(Q_r [n_r, M], Q_c [m, M]) for squashed actions in [-1, 1]."""
         q = (self.target_critics if target else self.critics)(obs.reshape(obs.shape[0], -1), actions)
+        return q[: self.num_reward_critics], q[self.num_reward_critics :]
+
+    def q_values_sampled(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False):
+        """(Q_r [n_r, N * B], Q_c [m, N * B]) for N squashed actions per state, ``actions`` [N, B, act]."""
+        q = (self.target_critics if target else self.critics).forward_sampled(obs.reshape(obs.shape[0], -1), actions)
         return q[: self.num_reward_critics], q[self.num_reward_critics :]
 
     @override(RLModule)
