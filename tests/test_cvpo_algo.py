@@ -144,3 +144,23 @@ def test_two_iterations_on_safety_point_goal_with_a_remote_env_runner(ray_local)
         assert math.isfinite(evaluation["episode_return_mean"]) and math.isfinite(evaluation["episode_cost"])
     finally:
         algo.stop()
+
+
+def test_twin_cost_critics_train_both_heads_and_use_their_maximum(ray_local):
+    algo = small_config(twin_qc=True).build_algo()
+    try:
+        for _ in range(2):
+            result = algo.train()
+        assert math.isfinite(result["learners"]["default_policy"]["lambda"])
+        module = algo.learner_group._learner.module["default_policy"]
+        assert module.critics.members == 2 + 2  # twin reward + twin cost
+        obs = torch.as_tensor(algo.replay.sample(64)["obs"])
+        act = torch.rand(64, 2) * 2 - 1
+        with torch.no_grad():
+            _, heads = module.q_values(obs, act, combine=False)
+            _, combined = module.q_values(obs, act)
+        assert heads.shape == (2, 64) and combined.shape == (1, 64)
+        torch.testing.assert_close(combined[0], heads.max(0).values)
+        assert not torch.allclose(heads[0], heads[1])  # two independently initialised and trained heads
+    finally:
+        algo.stop()

@@ -86,6 +86,7 @@ class CVPOConfig(AlgorithmConfig):
         self.critic_lr = 1e-3
         self.tau = 0.05
         self.twin_q = True
+        self.twin_qc = False
         self.replay_capacity = 200_000
         self.num_steps_sampled_before_learning_starts = 2_000
         self.updates_per_env_step = 0.2
@@ -134,6 +135,7 @@ class CVPOConfig(AlgorithmConfig):
         critic_lr=NotProvided,
         tau=NotProvided,
         twin_q=NotProvided,
+        twin_qc=NotProvided,
         replay_capacity=NotProvided,
         num_steps_sampled_before_learning_starts=NotProvided,
         updates_per_env_step=NotProvided,
@@ -172,6 +174,8 @@ class CVPOConfig(AlgorithmConfig):
             critic_lr: critics' Adam learning rate (default 1e-3, [FSRL] and [ORIG]).
             tau: Polyak rate of the target critics (default 0.05, [FSRL]).
             twin_q: two reward critics, using their minimum (default True, [ORIG]).
+            twin_qc: two cost critics per constraint, using their maximum: a pessimistic cost estimate against the
+                off-policy underestimation of cost (default False [ours]).
             replay_capacity: transitions kept (default 200_000, [FSRL]).
             num_steps_sampled_before_learning_starts: env steps sampled with uniformly random actions before the
                 first update (default 2000; [ORIG] 4000 on its tasks, [FSRL] 0).
@@ -252,7 +256,8 @@ class CVPOConfig(AlgorithmConfig):
     @property
     @override(AlgorithmConfig)
     def _model_config_auto_includes(self) -> Dict[str, Any]:
-        return super()._model_config_auto_includes | {"twin_q": self.twin_q, "num_cost_critics": len(self.cost_keys)}
+        return super()._model_config_auto_includes | {"twin_q": self.twin_q, "twin_qc": self.twin_qc,
+                                                       "num_cost_critics": len(self.cost_keys)}
 
     @override(AlgorithmConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:

@@ -57,6 +57,8 @@ def _state_sums(eta: float, lam: np.ndarray, qr: np.ndarray, qc: np.ndarray) -> 
     Written with flat matmuls and in-place updates: this runs a few times per update on a [B, N] batch."""
     b, n = qr.shape
     m = qc.shape[-1]
+    if m == 1:
+        return _state_sums_one(float(eta), float(np.asarray(lam).reshape(-1)[0]), qr, qc.reshape(b, n))
     qc_flat = qc.reshape(b * n, m)
     x = qr - (qc_flat @ np.asarray(lam, np.float64)).reshape(b, n)  # [B, N]
     w = x * (1.0 / float(eta))
@@ -75,6 +77,28 @@ def _state_sums(eta: float, lam: np.ndarray, qr: np.ndarray, qc: np.ndarray) -> 
     cov_xc = wdx @ dqc
     cov_cc = (dqc * w.reshape(-1, 1)).T @ dqc
     return np.concatenate([[float(b), lme.sum(), ex.sum()], eqc.sum(0), [var_x], cov_xc, cov_cc.reshape(-1)])
+
+
+def _state_sums_one(eta: float, lam: float, qr: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``_state_sums`` for one constraint on 2-D arrays. Moments of x are taken about each state's max (x' <= 0) and
+    those of Q_c as raw second moments: the Hessian entries they feed tolerate the ~1e-13 relative rounding."""
+    b, n = qr.shape
+    x = qr - lam * c
+    xmax = x.max(axis=1, keepdims=True)
+    x -= xmax
+    w = x * (1.0 / eta)
+    np.exp(w, out=w)
+    s = w.sum(axis=1, keepdims=True)
+    w /= s
+    wx = w * x
+    ex = wx.sum(1)  # E_w[x'] per state
+    wc = w * c
+    ec = wc.sum(1)
+    var_x = float(np.vdot(wx, x) - ex @ ex)
+    cov_xc = float(np.vdot(wx, c) - ex @ ec)
+    cov_cc = float(np.vdot(wc, c) - ec @ ec)
+    lme = float(xmax.sum()) / eta + float(np.log(s).sum()) - b * np.log(n)
+    return np.array([float(b), lme, float(ex.sum() + xmax.sum()), float(ec.sum()), var_x, cov_xc, cov_cc])
 
 
 @dataclasses.dataclass
@@ -179,10 +203,20 @@ def solve_dual_newton(
         free = ~pinned
         if not free.any():
             break
-        hf = hess[np.ix_(free, free)]
-        hf = hf + np.eye(hf.shape[0]) * (1e-12 * (1.0 + np.abs(np.diag(hf)).max()))
         step = np.zeros_like(theta)
-        step[free] = -np.linalg.solve(hf, grad[free])
+        if free.all():
+            hf, gf = hess, grad
+        else:
+            hf, gf = hess[free][:, free], grad[free]
+        ridge = 1e-12 * (1.0 + np.abs(np.diag(hf)).max())
+        if hf.shape[0] == 1:
+            step[free] = -gf / (hf[0, 0] + ridge)
+        elif hf.shape[0] == 2:  # closed form: np.linalg.solve's overhead exceeds the arithmetic here
+            a, bb, d = hf[0, 0] + ridge, hf[0, 1], hf[1, 1] + ridge
+            det = a * d - bb * bb
+            step[free] = -np.array([d * gf[0] - bb * gf[1], a * gf[1] - bb * gf[0]]) / det
+        else:
+            step[free] = -np.linalg.solve(hf + np.eye(hf.shape[0]) * ridge, gf)
         decrement = float(-(grad[free] @ step[free]))
         if decrement <= tol * (1.0 + abs(value)):
             break

@@ -138,9 +138,9 @@ class CVPOTorchLearner(TorchLearner):
             tqr, tqc = module.q_values(next_obs, a_next, target=True)
             y_r = rewards + cfg.gamma * not_done * tqr.min(0).values
             y_c = costs.t() + cfg.gamma * not_done * tqc
-        qr, qc = module.q_values(obs, actions)
+        qr, qc = module.q_values(obs, actions, combine=False)  # every head is trained on the same target
         loss_qr = ((qr - y_r) ** 2).mean(1).sum()
-        loss_qc = ((qc - y_c) ** 2).mean(1).sum()
+        loss_qc = ((qc - y_c.repeat(qc.shape[0] // m, 1)) ** 2).mean(1).sum()
         self._step(mid, "critic", loss_qr + loss_qc)
         t1 = time.perf_counter()
 

@@ -90,7 +90,8 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
     ``target_critics`` and the Polyak-averaged old policy ``pi_old`` that the E-step samples from.
 
     model_config keys: ``fcnet_hiddens`` (default [256, 256]), ``fcnet_activation`` ("relu"), ``twin_q`` (True),
-    ``num_cost_critics`` (1).
+    ``num_cost_critics`` (1), ``twin_qc`` (False: with True, two cost critics per constraint and their maximum, the
+    pessimistic mirror of the twin reward critics' minimum).
     """
 
     framework: str = "torch"
@@ -106,10 +107,12 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         activation = cfg.get("fcnet_activation", "relu")
         self.num_reward_critics = 2 if cfg.get("twin_q", True) else 1
         self.num_cost_critics = int(cfg.get("num_cost_critics", 1))
+        self.twin_qc = bool(cfg.get("twin_qc", False))
+        self.num_cost_heads = self.num_cost_critics * (2 if self.twin_qc else 1)
         self.pi = mlp([self.obs_dim, *hiddens, 2 * self.act_dim], activation)
         if not self.inference_only:
             self.critics = CriticEnsemble(
-                self.num_reward_critics + self.num_cost_critics, self.obs_dim + self.act_dim, hiddens, activation
+                self.num_reward_critics + self.num_cost_heads, self.obs_dim + self.act_dim, hiddens, activation
             )
 
     def policy(self, obs: torch.Tensor, net: nn.Module | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -117,15 +120,22 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         mean, log_std = (net or self.pi)(obs.reshape(obs.shape[0], -1)).chunk(2, dim=-1)
         return mean, log_std.clamp(MIN_LOG_NN_OUTPUT, MAX_LOG_NN_OUTPUT).exp()
 
-    def q_values(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False):
-        """(Q_r [n_r, M], Q_c [m, M]) for squashed actions in [-1, 1]."""
+    def _split(self, q: torch.Tensor, combine: bool):
+        qr, qc = q[: self.num_reward_critics], q[self.num_reward_critics :]
+        if combine and self.twin_qc:
+            qc = qc.view(2, self.num_cost_critics, -1).max(0).values
+        return qr, qc
+
+    def q_values(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False, combine: bool = True):
+        """(Q_r [n_r, M], Q_c [m, M]) for squashed actions in [-1, 1]; with twin cost critics Q_c is the maximum of
+        each pair (``combine=False``: all 2m cost heads, as trained)."""
         q = (self.target_critics if target else self.critics)(obs.reshape(obs.shape[0], -1), actions)
-        return q[: self.num_reward_critics], q[self.num_reward_critics :]
+        return self._split(q, combine)
 
     def q_values_sampled(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False):
         """(Q_r [n_r, N * B], Q_c [m, N * B]) for N squashed actions per state, ``actions`` [N, B, act]."""
         q = (self.target_critics if target else self.critics).forward_sampled(obs.reshape(obs.shape[0], -1), actions)
-        return q[: self.num_reward_critics], q[self.num_reward_critics :]
+        return self._split(q, combine=True)
 
     @override(RLModule)
     def _forward(self, batch: Dict[str, Any], **kwargs) -> Dict[str, Any]:
