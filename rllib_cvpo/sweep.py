@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pandas as pd
 
 from rllib_cvpo.runs import find_checkpoints, read_results, trial_dirs
-from rllib_cvpo.training import COMMAND_DEFAULTS, ConfigFileError, config_keys
+from rllib_cvpo.training import COMMAND_DEFAULTS, ConfigFileError, config_keys, read_yaml
 
 TOP_LEVEL = {"name", "env", "total_env_steps", "stop", "base", "search", "seeds", "num_samples", "resources",
              "checkpoint", "max_failures", "max_concurrent_trials"}
@@ -63,20 +63,8 @@ def _mapping_items(node) -> List[Tuple[Any, Any]]:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Parse and check a sweep file; any problem raises :class:`ConfigFileError` naming the file, line and key."""
-    import yaml
-
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as err:
-        raise ConfigFileError(f"cannot read sweep file {str(path)!r}: {err.strerror or err}") from None
-    try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigFileError(f"{where}: malformed YAML: {getattr(err, 'problem', None) or err}") from None
+    root, data = read_yaml(p, "sweep file")
     if not isinstance(data, dict):
         raise ConfigFileError(f"{path}:1: a sweep file is a mapping with at least 'env' and 'search'")
     nodes = {k.value: (k, v) for k, v in _mapping_items(root)}

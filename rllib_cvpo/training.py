@@ -26,6 +26,7 @@ COMMAND_DEFAULTS: Dict[str, Any] = {
     "estep_kl": 0.1,
     "lambda_max": 40.0,
     "replay_capacity": 20_000,
+    "num_envs_per_env_runner": 8,
     "gamma": 0.99,
     "num_steps_sampled_before_learning_starts": 5_000,
     "updates_per_env_step": 0.25,
@@ -54,23 +55,27 @@ def config_keys() -> set:
     return public | behind_property | {"model_config", "total_env_steps"}
 
 
-def load_config_file(path: str | Path) -> Dict[str, Any]:
-    """Read a flat ``setting: value`` YAML mapping of CVPOConfig settings; an unknown key or malformed YAML raises
-    :class:`ConfigFileError` with the file and line."""
+def read_yaml(path: str | Path, what: str):
+    """(node, data) of a YAML file: ``node`` (yaml's composed tree) carries line numbers for error messages. An
+    unreadable or malformed file raises :class:`ConfigFileError` naming the file and line."""
     import yaml
 
-    p = Path(path)
     try:
-        text = p.read_text()
+        text = Path(path).read_text()
     except OSError as err:
-        raise ConfigFileError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
+        raise ConfigFileError(f"cannot read {what} {str(path)!r}: {err.strerror or err}") from None
     try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
+        return yaml.compose(text), yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise ConfigFileError(f"{where}: malformed YAML: {getattr(err, 'problem', None) or err}") from None
+
+
+def load_config_file(path: str | Path) -> Dict[str, Any]:
+    """Read a flat ``setting: value`` YAML mapping of CVPOConfig settings; an unknown key or malformed YAML raises
+    :class:`ConfigFileError` with the file and line."""
+    node, data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -1,5 +1,7 @@
 """Helpers shared by tests (the tests directory is on sys.path under pytest)."""
 
+import textwrap
+
 from rllib_cvpo import CVPOConfig
 
 
@@ -18,3 +20,26 @@ def small_config(env="SpeedLimit-v0", **training):
         .rl_module(model_config={"fcnet_hiddens": [32, 32]})
         .debugging(seed=0)
     )
+
+
+# Small and quick settings on the built-in task for command-line runs (a `--config` file, or a sweep's `base`):
+# 1000 env steps per iteration, one evaluation episode per iteration.
+SMALL_SETTINGS = """\
+gamma: 0.97
+num_steps_sampled_before_learning_starts: 500
+updates_per_env_step: 0.25
+train_batch_size_per_learner: 64
+num_action_samples: 8
+min_sample_timesteps_per_iteration: 1000
+rollout_fragment_length: 50
+evaluation_duration: 1
+num_envs_per_env_runner: 1
+model_config: {fcnet_hiddens: [32, 32]}
+"""
+
+
+def sweep_yaml(name: str, total_env_steps: int, extra_base: str = "", tail: str = "") -> str:
+    """A sweep file over cost limits 15 and 30 (seed 0) with SMALL_SETTINGS as its base."""
+    base = textwrap.indent(SMALL_SETTINGS + extra_base, "  ")
+    return (f"name: {name}\nenv: SpeedLimit-v0\ntotal_env_steps: {total_env_steps}\nbase:\n{base}"
+            f"search:\n  cost_limit: {{grid: [15, 30]}}\nseeds: [0]\n{tail}")

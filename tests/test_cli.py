@@ -12,21 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import SMALL_SETTINGS
+
 CLI = [sys.executable, "-m", "rllib_cvpo.cli"]
-
-# Small and quick on the built-in task: 1000 env steps per iteration, one evaluation episode per iteration.
-SMALL = """\
-gamma: 0.97
-num_steps_sampled_before_learning_starts: 500
-updates_per_env_step: 0.25
-train_batch_size_per_learner: 64
-num_action_samples: 8
-min_sample_timesteps_per_iteration: 1000
-rollout_fragment_length: 50
-evaluation_duration: 1
-model_config: {fcnet_hiddens: [32, 32]}
-"""
-
 
 def run_cli(*args, timeout=600, **kw):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -36,7 +24,7 @@ def run_cli(*args, timeout=600, **kw):
 @pytest.fixture(scope="module")
 def small_yaml(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "small.yaml"
-    path.write_text(SMALL)
+    path.write_text(SMALL_SETTINGS)
     return path
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import sweep_yaml
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_YAMLS = sorted(p.name for p in (REPO / "cluster").glob("*.yaml") if "kuberay" not in p.name)
 
@@ -100,26 +102,8 @@ def _stop_nodes(temp_dir: str) -> None:
             pass
 
 
-SWEEP = """\
-name: two_node
-env: SpeedLimit-v0
-total_env_steps: 1000
-base:
-  gamma: 0.97
-  num_steps_sampled_before_learning_starts: 500
-  updates_per_env_step: 0.25
-  train_batch_size_per_learner: 64
-  num_action_samples: 8
-  min_sample_timesteps_per_iteration: 1000
-  rollout_fragment_length: 50
-  evaluation_duration: 1
-  custom_resources_per_env_runner: {cvpo_worker_node: 1}
-  model_config: {fcnet_hiddens: [32, 32]}
-search:
-  cost_limit: {grid: [15, 30]}
-seeds: [0]
-resources: {env_runners: 1}
-"""
+SWEEP = sweep_yaml("two_node", 1000, extra_base="custom_resources_per_env_runner: {cvpo_worker_node: 1}\n",
+                   tail="resources: {env_runners: 1}\n")
 
 
 def test_job_submitted_to_a_two_node_cluster_runs_a_sweep_with_env_runners_on_the_worker(tmp_path):

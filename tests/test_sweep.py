@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import sweep_yaml
 from rllib_cvpo.sweep import load_sweep, report
 from rllib_cvpo.training import ConfigFileError
 
@@ -110,26 +111,7 @@ def test_report_picks_the_feasible_best_not_the_highest_return(tmp_path):
 
 
 # -- a real sweep, interrupted and resumed -------------------------------------------------------------------------
-SWEEP = """\
-name: interrupted
-env: SpeedLimit-v0
-total_env_steps: 2000
-base:
-  gamma: 0.97
-  num_steps_sampled_before_learning_starts: 500
-  updates_per_env_step: 0.25
-  train_batch_size_per_learner: 64
-  num_action_samples: 8
-  min_sample_timesteps_per_iteration: 1000
-  rollout_fragment_length: 50
-  evaluation_duration: 1
-  model_config: {fcnet_hiddens: [32, 32]}
-search:
-  cost_limit: {grid: [15, 30]}
-seeds: [0]
-resources: {env_runners: 0}
-max_concurrent_trials: 1
-"""
+SWEEP = sweep_yaml("interrupted", 2000, tail="resources: {env_runners: 0}\nmax_concurrent_trials: 1\n")
 
 
 def _rows(trial: Path):

@@ -25,12 +25,11 @@ from ray.rllib.utils.metrics import (
     SYNCH_WORKER_WEIGHTS_TIMER,
     TIMERS,
 )
+from ray.util.debug import log_once
 
 from rllib_cvpo.cvpo.callbacks import CostMetricsCallback
 from rllib_cvpo.cvpo.estep import qc_threshold
 from rllib_cvpo.cvpo.replay import CostReplayBuffer
-
-from ray.util.debug import log_once
 
 # CVPO exists on RLlib's new API stack only, so RLlib's one-time "you are running on the new API stack" notice says
 # nothing to our users: consume it.
