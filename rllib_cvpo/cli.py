@@ -325,17 +325,20 @@ def cmd_serve(args) -> int:
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     _init_ray(args.address)
-    start(args.checkpoint, port=args.port, host=args.host, num_replicas=args.replicas)
-    print(f"serving {args.checkpoint} at http://{args.host}:{args.port}/ (GET: metadata, POST {{\"obs\": [...]}}: "
-          "actions); Ctrl-C stops", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     try:
+        start(args.checkpoint, port=args.port, host=args.host, num_replicas=args.replicas)
+        print(f"serving {args.checkpoint} at http://{args.host}:{args.port}/ (GET: metadata, POST {{\"obs\": [...]}}: "
+              "actions); Ctrl-C stops", flush=True)
         while not stop:
             time.sleep(0.5)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, also while the deployment is still starting
         pass
-    serve.delete("cvpo")
+    print("stopping", flush=True)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+    # On a shared cluster, ask the controller to remove the app and return; it finishes on its own.
+    serve.delete("cvpo", _blocking=args.address is None)
     if args.address is None:
         serve.shutdown()
         ray.shutdown()

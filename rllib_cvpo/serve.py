@@ -19,7 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, graceful_shutdown_timeout_s=2.0,
+                  graceful_shutdown_wait_loop_s=0.5)
 class CVPOPolicyServer:
     def __init__(self, checkpoint: str) -> None:
         import torch

@@ -60,7 +60,7 @@ def test_served_policy_answers_like_evaluate_and_survives_bad_requests(ray_local
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             try:
                 status, meta = _request(url)
-                if status == 200:
+                if status == 200 and "serving " in (tmp_path / "serve.log").read_text():
                     break
             except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
                 pass
@@ -104,11 +104,11 @@ def test_served_policy_answers_like_evaluate_and_survives_bad_requests(ray_local
             answers = list(pool.map(lambda i: _request(url, {"obs": batch[i % 8].tolist()}), range(128)))
         assert all(status == 200 for status, _ in answers)
         for i, (_, answer) in enumerate(answers):
-            np.testing.assert_allclose(answer["action"], many["actions"][i % 8], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(answer["action"], many["actions"][i % 8], rtol=1e-5, atol=1e-6)  # batch vs single forward: float32 rounding
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
