@@ -346,8 +346,13 @@ def cmd_serve(args) -> int:
 
 
 def main(argv=None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Ctrl-C must reach us even when the parent started this process with SIGINT ignored (a disposition that
+    # children inherit, and Python then keeps).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "envs": cmd_envs,
