@@ -153,52 +153,6 @@ def _exit_code(outcome) -> int:
 
 
 # -- evaluate ------------------------------------------------------------------------------------------------------
-def evaluate_policy(policy, episodes: int, seed: int, video_dir=None, video_episodes: int = 1):
-    """Deterministic episodes of ``policy`` on its own task; per-episode returns and costs, and video paths."""
-    import numpy as np
-
-    from rllib_cvpo.envs import make_env
-
-    env_id = policy.env_id
-    if not env_id:
-        raise UsageError(f"checkpoint {str(policy.checkpoint)!r} does not name its env")
-    render = video_dir is not None
-    env = make_env(env_id, render_mode="rgb_array" if render else None)
-    returns, costs, videos = [], [], []
-    try:
-        for ep in range(episodes):
-            obs, _ = env.reset(seed=seed + ep)
-            record = render and ep < video_episodes
-            frames = [env.render()] if record else []
-            ret = cost = 0.0
-            done = False
-            while not done:
-                obs, reward, terminated, truncated, info = env.step(policy.act(obs))
-                ret, cost, done = ret + float(reward), cost + float(info["cost"]), terminated or truncated
-                if record:
-                    frames.append(env.render())
-            returns.append(ret)
-            costs.append(cost)
-            if record:
-                videos.append(_write_video(frames, Path(video_dir) / f"episode_{ep:03d}.mp4", env))
-    finally:
-        env.close()
-    return np.array(returns), np.array(costs), videos
-
-
-def _write_video(frames, path: Path, env) -> Path:
-    import imageio.v2 as imageio
-    import numpy as np
-
-    frames = [np.asarray(f) for f in frames if f is not None]
-    if not frames:
-        raise UsageError(f"{env.spec.id if env.spec else 'this env'} renders no frames, so no video can be written")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fps = int(env.metadata.get("render_fps", 30) or 30)
-    imageio.mimsave(path, frames, format="FFMPEG", fps=fps, macro_block_size=1)
-    return path
-
-
 def cmd_evaluate(args) -> int:
     import numpy as np
 
@@ -208,7 +162,15 @@ def cmd_evaluate(args) -> int:
         policy = load_policy(args.checkpoint)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
-    returns, costs, videos = evaluate_policy(policy, args.episodes, args.seed, args.video, args.video_episodes)
+    from rllib_cvpo.cvpo.evaluate import run_episodes
+
+    if not policy.env_id:
+        raise UsageError(f"checkpoint {str(policy.checkpoint)!r} does not name its env")
+    try:
+        returns, costs, videos = run_episodes(policy.act, policy.env_id, args.episodes, args.seed, args.video,
+                                              args.video_episodes)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     limit = policy.cost_limit
     limit_total = float(sum(limit.values())) if isinstance(limit, dict) else float(limit)
     over = float(np.mean(costs > limit_total))

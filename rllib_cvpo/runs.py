@@ -31,9 +31,7 @@ def trial_dirs(run_dir: str | Path) -> List[Path]:
 
 
 def read_results(trial_dir: str | Path) -> pd.DataFrame:
-    """One row per training iteration: CVPO's summary columns, ``time_total_s``, ``checkpoint_dir_name`` (the
-    checkpoint saved with that iteration, if any), ``training_iteration`` and the trial's config under ``config/``
-    (flattened, for sweeps). Rows repeated by a resumed run (an iteration trained again after restoring an earlier
+    """One row per training iteration: CVPO's summary columns, ``time_total_s`` and ``training_iteration``. Rows repeated by a resumed run (an iteration trained again after restoring an earlier
     checkpoint) keep their latest version."""
     rows = []
     with open(Path(trial_dir) / "result.json") as fh:
@@ -49,12 +47,10 @@ def read_results(trial_dir: str | Path) -> pd.DataFrame:
             row.update(
                 training_iteration=r.get("training_iteration"),
                 time_total_s=r.get("time_total_s", math.nan),
-                checkpoint_dir_name=r.get("checkpoint_dir_name"),
                 trial_id=r.get("trial_id"),
             )
             rows.append(row)
-    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + ["training_iteration", "time_total_s", "checkpoint_dir_name",
-                                                       "trial_id"])
+    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS + ["training_iteration", "time_total_s", "trial_id"])
     if len(df):
         df = df.drop_duplicates("training_iteration", keep="last").sort_values("training_iteration")
     return df.reset_index(drop=True)

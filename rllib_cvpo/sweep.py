@@ -193,7 +193,7 @@ def run_sweep(spec: SweepSpec, storage: str, address: Optional[str] = None, resu
         run_config=tune.RunConfig(
             name=spec["name"],
             storage_path=storage,
-            stop=_any_of(stop),
+            stop=stop,  # Tune stops a trial when any one of these is reached
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=int(ckpt.get("keep", 1)),
                 checkpoint_score_attribute="cvpo_score",
@@ -208,32 +208,13 @@ def run_sweep(spec: SweepSpec, storage: str, address: Optional[str] = None, resu
     return tuner.fit()
 
 
-class _AnyOf:
-    """A Tune stopper: stop a trial when any flattened result key reaches its bound."""
-
-    def __init__(self, bounds: Dict[str, float]) -> None:
-        self.bounds = dict(bounds)
-
-    def __call__(self, trial_id, result) -> bool:
-        from ray.tune.utils import flatten_dict
-
-        flat = flatten_dict(result)
-        return any(isinstance(flat.get(k), (int, float)) and flat[k] >= v for k, v in self.bounds.items())
-
-
-def _any_of(bounds: Dict[str, float]):
-    from ray.tune.stopper import FunctionStopper
-
-    return FunctionStopper(_AnyOf(bounds))
-
-
 # -- report --------------------------------------------------------------------------------------------------------
 def _trial_config(trial: Path) -> Dict[str, Any]:
     params = trial / "params.json"
     return json.loads(params.read_text()) if params.is_file() else {}
 
 
-def _search_keys(sweep_dir: Path, configs: List[Dict[str, Any]]) -> List[str]:
+def _search_keys(configs: List[Dict[str, Any]]) -> List[str]:
     """The settings that vary across trials (the searched ones), seed excluded."""
     keys = set().union(*(c.keys() for c in configs)) if configs else set()
     varying = []
@@ -254,7 +235,7 @@ def collect_trials(sweep_dir: str | Path, last_k: int = 1) -> pd.DataFrame:
     if not trials:
         raise FileNotFoundError(f"no trials in {str(sweep_dir)!r}: expected a sweep directory (storage/name)")
     configs = [_trial_config(t) for t in trials]
-    keys = _search_keys(root, configs)
+    keys = _search_keys(configs)
     rows = []
     for trial, config in zip(trials, configs):
         df = read_results(trial)

@@ -237,9 +237,6 @@ class GracefulInterrupt(Callback):
         if self.requested and self._tune_handler is not None:
             self._end_run()
 
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        pass
-
 
 # -- the run ------------------------------------------------------------------------------------------------------
 def _init_ray(address: Optional[str]) -> None:

@@ -1,5 +1,6 @@
 """Helpers shared by tests (the tests directory is on sys.path under pytest)."""
 
+import socket
 import textwrap
 
 from rllib_cvpo import CVPOConfig
@@ -43,3 +44,9 @@ def sweep_yaml(name: str, total_env_steps: int, extra_base: str = "", tail: str 
     base = textwrap.indent(SMALL_SETTINGS + extra_base, "  ")
     return (f"name: {name}\nenv: SpeedLimit-v0\ntotal_env_steps: {total_env_steps}\nbase:\n{base}"
             f"search:\n  cost_limit: {{grid: [15, 30]}}\nseeds: [0]\n{tail}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

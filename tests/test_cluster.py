@@ -4,7 +4,6 @@ cluster on this machine that runs a sweep submitted with `ray job submit`, its E
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import sweep_yaml
+from helpers import free_port, sweep_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_YAMLS = sorted(p.name for p in (REPO / "cluster").glob("*.yaml") if "kuberay" not in p.name)
@@ -68,12 +67,6 @@ def test_kuberay_rayjob_carries_the_required_fields():
 
 
 # -- a real two-node cluster ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop_nodes(temp_dir: str) -> None:
     """Stop only this test's Ray processes (``ray stop`` would stop every Ray on the machine): those whose command
     line names this cluster's temp dir, and all their descendants (agents and workers rename themselves)."""
@@ -110,7 +103,7 @@ def test_job_submitted_to_a_two_node_cluster_runs_a_sweep_with_env_runners_on_th
     bin_dir = Path(sys.executable).parent
     ray_cli = str(bin_dir / "ray")
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths must stay short
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # A token of this cluster's own, given to every process of it: token authentication on, whatever other Ray
     # instances on this machine (and ~/.ray/auth_token) do, so the test does not depend on the order of tests.
     token = Path(temp_dir, "auth_token")
@@ -123,8 +116,8 @@ def test_job_submitted_to_a_two_node_cluster_runs_a_sweep_with_env_runners_on_th
     storage = tmp_path / "storage"
     try:
         def node_ports():  # two nodes on one machine (and maybe another Ray): no default agent ports
-            return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                    f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+            return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
 
         subprocess.run([ray_cli, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
                         "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",

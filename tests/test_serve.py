@@ -2,7 +2,6 @@
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from helpers import small_config
+from helpers import free_port, small_config
 
 CLI = [sys.executable, "-m", "rllib_cvpo.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _request(url, body=None, raw=None):
@@ -49,7 +42,7 @@ def checkpoint(ray_local, tmp_path_factory):
 def test_served_policy_answers_like_evaluate_and_survives_bad_requests(ray_local, checkpoint, tmp_path):
     from rllib_cvpo import load_policy
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([*CLI, "serve", checkpoint, "--port", str(port), "--address",

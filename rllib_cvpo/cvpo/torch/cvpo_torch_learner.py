@@ -56,6 +56,7 @@ class CVPOTorchLearner(TorchLearner):
             }
         self._env_steps = 0
         self.last_estep: Dict[str, Dict[str, Any]] = {}
+        self._threshold_cache: Dict[str, Tuple[Any, list]] = {}
 
     @override(TorchLearner)
     def _make_modules_ddp_if_necessary(self) -> None:
@@ -84,6 +85,16 @@ class CVPOTorchLearner(TorchLearner):
             x = x.clone()
             dist.all_reduce(x, op=dist.ReduceOp.SUM)
         return x
+
+    def _thresholds(self, mid: str, cfg) -> list:
+        """eps_c per constraint. They depend on env steps only while the cost limit anneals; otherwise they are
+        computed once (the horizon lookup goes through the env registry) instead of on every update."""
+        annealing = cfg.cost_limit_start is not None and self._env_steps < cfg.cost_limit_anneal_steps
+        key = self._env_steps if annealing else "final"
+        cached = self._threshold_cache.get(mid)
+        if cached is None or cached[0] != key:
+            cached = self._threshold_cache[mid] = (key, cfg.qc_thresholds(self._env_steps))
+        return cached[1]
 
     def _allreduce_numpy(self, x: np.ndarray) -> np.ndarray:
         """The E-step dual's per-state sums (a small float64 vector), summed over learners."""
@@ -151,7 +162,7 @@ class CVPOTorchLearner(TorchLearner):
             eqr, eqc = module.q_values_sampled(obs, torch.tanh(u), target=True)
             qr_s = eqr.min(0).values.reshape(n, batch_size).t()
             qc_s = eqc.reshape(m, n, batch_size).permute(2, 1, 0)
-            thresholds = cfg.qc_thresholds(self._env_steps)
+            thresholds = self._thresholds(mid, cfg)
             t_dual = time.perf_counter()
             problem = estep.DualProblem(qr_s, qc_s, cfg.estep_kl, thresholds, reduce=self._allreduce_numpy)
             bounds = dict(eta_min=cfg.eta_min, eta_max=cfg.eta_max, lam_max=cfg.lambda_max)
