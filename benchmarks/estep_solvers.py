@@ -19,6 +19,12 @@ active. "gap" is (g - g_best) / |g_best|, g_best the lowest value any solver rea
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread, as in training: Ray sets OMP_NUM_THREADS to a worker's CPUs (1 for the learner of a 1-CPU trial),
+# and OpenBLAS follows it. With spare threads on a busy machine, a 16k-element np.vdot can take milliseconds.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import platform
 import statistics
@@ -133,7 +139,7 @@ def main() -> None:
     torch.set_num_threads(1)
     count, cvx = (12, 2) if args.quick else (40, 3)
     print(f"E-step dual solvers, B=256, eps={EPS_KL}; {platform.processor() or platform.machine()}, "
-          f"torch threads 1; median over {count} consecutive batches (cvxpy: first {cvx})")
+          f"torch and BLAS threads 1; median over {count} consecutive batches (cvxpy: first {cvx})")
     for m in (1, 2):
         for n in (16, 32, 64):
             rows = run(n, m, count, cvx)

@@ -115,14 +115,26 @@ def test_dual_gradient_and_hessian_match_finite_differences(m):
     assert np.linalg.eigvalsh(hess).min() >= -1e-12  # convex
 
 
+@pytest.mark.parametrize("offset,eta,lam", [(0.0, 1.0, 0.5), (500.0, 0.05, 3.0), (-80.0, 20.0, 0.0), (10.0, 0.3, 40.0)])
+def test_one_constraint_sums_equal_the_general_sums(offset, eta, lam):
+    # The one-constraint path works sample-major with moments about each state's max; the general path about the
+    # weighted means. They must agree, also with large Q offsets, sharp weights (small eta) and a large lambda.
+    from rllib_cvpo.cvpo.estep import _state_sums, _state_sums_one
+
+    qr, qc = _batch(7, b=48, n=32)
+    qr, qc = qr.numpy() + offset, qc.numpy() + offset / 10
+    fast = _state_sums_one(eta, lam, np.ascontiguousarray(qr.T), np.ascontiguousarray(qc[..., 0].T))
+    general = _state_sums(eta, np.array([lam]), qr, qc)
+    np.testing.assert_allclose(fast[:4], general[:4], rtol=1e-12)
+    np.testing.assert_allclose(fast[4:], general[4:], rtol=1e-8, atol=1e-10 * np.abs(general[4:]).max())
+
+
 def test_sharded_dual_with_summed_sums_equals_the_full_batch_dual():
     qr, qc = _batch(12, b=64)
     thr = [float(qc.mean()) * 0.9]
     full = solve_dual_newton(DualProblem(qr, qc, 0.1, thr), 1.0, [0.0])
     # Two "learners" each holding half: reduce = add the other half's sums (what all_reduce(SUM) does).
     halves = [(qr[:32], qc[:32]), (qr[32:], qc[32:])]
-    from rllib_cvpo.cvpo.estep import _state_sums
-
     # Emulate all_reduce exactly: evaluate both shards at the same theta and add their sums.
     class Pair:
         def __init__(self):
@@ -132,7 +144,7 @@ def test_sharded_dual_with_summed_sums_equals_the_full_batch_dual():
     pair = Pair()
     def reduce0(local):
         theta = pair.theta
-        return local + _state_sums(theta[0], theta[1:], pair.p1.qr, pair.p1.qc)
+        return local + pair.p1.local_sums(theta)
 
     orig_eval = pair.p0.evaluate
 

@@ -54,11 +54,10 @@ def _as_float64(x) -> np.ndarray:
 def _state_sums(eta: float, lam: np.ndarray, qr: np.ndarray, qc: np.ndarray) -> np.ndarray:
     """Sums over the local states of everything the dual's value, gradient and Hessian need, packed in one vector:
     [B, sum LME, sum E_w[x], sum E_w[Q_c] (m), sum Var_w(x), sum Cov_w(x, Q_c) (m), sum Cov_w(Q_c, Q_c) (m*m)].
-    Written with flat matmuls and in-place updates: this runs a few times per update on a [B, N] batch."""
+    Written with flat matmuls and in-place updates: this runs a few times per update on a [B, N] batch. One
+    constraint takes the faster ``_state_sums_one`` path (``DualProblem`` picks it)."""
     b, n = qr.shape
     m = qc.shape[-1]
-    if m == 1:
-        return _state_sums_one(float(eta), float(np.asarray(lam).reshape(-1)[0]), qr, qc.reshape(b, n))
     qc_flat = qc.reshape(b * n, m)
     x = qr - (qc_flat @ np.asarray(lam, np.float64)).reshape(b, n)  # [B, N]
     w = x * (1.0 / float(eta))
@@ -79,24 +78,27 @@ def _state_sums(eta: float, lam: np.ndarray, qr: np.ndarray, qc: np.ndarray) -> 
     return np.concatenate([[float(b), lme.sum(), ex.sum()], eqc.sum(0), [var_x], cov_xc, cov_cc.reshape(-1)])
 
 
-def _state_sums_one(eta: float, lam: float, qr: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """``_state_sums`` for one constraint on 2-D arrays. Moments of x are taken about each state's max (x' <= 0) and
-    those of Q_c as raw second moments: the Hessian entries they feed tolerate the ~1e-13 relative rounding."""
-    b, n = qr.shape
-    x = qr - lam * c
-    xmax = x.max(axis=1, keepdims=True)
+def _state_sums_one(eta: float, lam: float, qr_t: np.ndarray, c_t: np.ndarray) -> np.ndarray:
+    """``_state_sums`` for one constraint, on sample-major [N, B] arrays: the per-state reductions then run over
+    axis 0, where numpy vectorises across states (2-3x faster than over rows of N). Moments of x are taken about
+    each state's max (x' <= 0) and those of Q_c as raw second moments: the Hessian entries they feed tolerate the
+    ~1e-13 relative rounding."""
+    n, b = qr_t.shape
+    x = c_t * -lam
+    x += qr_t
+    xmax = x.max(axis=0)
     x -= xmax
     w = x * (1.0 / eta)
     np.exp(w, out=w)
-    s = w.sum(axis=1, keepdims=True)
-    w /= s
+    s = w.sum(axis=0)
+    w *= 1.0 / s
     wx = w * x
-    ex = wx.sum(1)  # E_w[x'] per state
-    wc = w * c
-    ec = wc.sum(1)
+    ex = wx.sum(0)  # E_w[x'] per state
+    wc = w * c_t
+    ec = wc.sum(0)
     var_x = float(np.vdot(wx, x) - ex @ ex)
-    cov_xc = float(np.vdot(wx, c) - ex @ ec)
-    cov_cc = float(np.vdot(wc, c) - ec @ ec)
+    cov_xc = float(np.vdot(wx, c_t) - ex @ ec)
+    cov_cc = float(np.vdot(wc, c_t) - ec @ ec)
     lme = float(xmax.sum()) / eta + float(np.log(s).sum()) - b * np.log(n)
     return np.array([float(b), lme, float(ex.sum() + xmax.sum()), float(ec.sum()), var_x, cov_xc, cov_cc])
 
@@ -122,13 +124,22 @@ class DualProblem:
         self.eps_c = np.asarray(self.thresholds, np.float64).reshape(-1)
         if self.eps_c.shape != (self.m,):
             raise ValueError(f"{self.m} cost critics but {self.eps_c.size} thresholds")
+        # One constraint: sample-major copies for _state_sums_one (two copies per batch, saved back on every pass).
+        self._one = (np.ascontiguousarray(self.qr.T), np.ascontiguousarray(self.qc[..., 0].T)) if self.m == 1 else None
+
+    def local_sums(self, theta) -> np.ndarray:
+        """This shard's ``_state_sums`` at theta = (eta, lambda_1..m), before the reduce."""
+        theta = _as_float64(theta)
+        if self._one is not None:
+            return _state_sums_one(float(theta[0]), float(theta[1]), *self._one)
+        return _state_sums(float(theta[0]), theta[1:], self.qr, self.qc)
 
     def evaluate(self, theta) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
         """Value, gradient [1+m], Hessian [1+m, 1+m] of g at theta = (eta, lambda_1..m), and the reduced sums."""
         theta = _as_float64(theta)
         m = self.m
         eta, lam = float(theta[0]), theta[1:]
-        s = self.reduce(_state_sums(eta, lam, self.qr, self.qc))
+        s = self.reduce(self.local_sums(theta))
         b = s[0]
         lme, ex, eqc = s[1] / b, s[2] / b, s[3 : 3 + m] / b
         var_x, cov_xc = s[3 + m] / b, s[4 + m : 4 + 2 * m] / b
