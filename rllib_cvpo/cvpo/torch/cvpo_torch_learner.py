@@ -100,11 +100,13 @@ class CVPOTorchLearner(TorchLearner):
         """The E-step dual's per-state sums (a small float64 vector), summed over learners."""
         return self._allreduce_sum(torch.from_numpy(x)).numpy() if self._world > 1 else x
 
-    def _global_mean(self, x: torch.Tensor) -> float:
+    def _global_means(self, *xs: torch.Tensor) -> list[float]:
+        """The mean of each tensor over every learner's shard, in one all-reduce of (sums..., count)."""
         if self._world == 1:
-            return float(x.mean())
-        s = self._allreduce_sum(torch.stack([x.sum().double(), torch.tensor(float(x.numel()), dtype=torch.float64)]))
-        return float(s[0] / s[1])
+            return [float(x.mean()) for x in xs]
+        count = torch.tensor([float(xs[0].numel())], dtype=torch.float64)
+        s = self._allreduce_sum(torch.cat([torch.stack([x.sum().double() for x in xs]), count]))
+        return [float(v) for v in s[:-1] / s[-1]]
 
     def _step(self, module_id: str, name: str, loss: torch.Tensor, grad_clip: float | None = None) -> None:
         optim = self.get_optimizer(module_id, name)
@@ -183,7 +185,7 @@ class CVPOTorchLearner(TorchLearner):
             loss_mle = weighted_mle_loss(u, weights, mean_o, std_o, mean, std)
             kl_mu, kl_sigma = kl_mean_and_std(mean_o, std_o, mean, std)
             c_mu, c_sigma = kl_mu.mean(), kl_sigma.mean()
-            g_mu, g_sigma = self._global_mean(kl_mu.detach()), self._global_mean(kl_sigma.detach())
+            g_mu, g_sigma = self._global_means(kl_mu.detach(), kl_sigma.detach())
             state["alpha_mu"] = float(np.clip(state["alpha_mu"] + cfg.alpha_mean_step * (g_mu - cfg.kl_mean), 0.0,
                                               cfg.alpha_mean_max))
             state["alpha_sigma"] = float(np.clip(
