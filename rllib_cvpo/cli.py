@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", default="curves.png", help="PNG file to write (default curves.png)")
     plot.add_argument("--title", default=None)
+    plot.add_argument("--baseline", nargs="+", default=None, metavar="RUN_DIR",
+                      help="runs drawn beside them in grey, e.g. the same budget with the cost limit lifted")
 
     sub.add_parser("envs", help="the supported tasks with observation and action sizes and episode length")
 
@@ -197,11 +199,11 @@ def cmd_evaluate(args) -> int:
 def cmd_plot(args) -> int:
     from rllib_cvpo.runs import plot_runs
 
-    for run in args.runs:
+    for run in args.runs + (args.baseline or []):
         if not Path(run).is_dir():
             raise UsageError(f"run directory not found: {run!r}")
     try:
-        path = plot_runs(args.runs, args.out, title=args.title)
+        path = plot_runs(args.runs, args.out, title=args.title, baseline=args.baseline)
     except FileNotFoundError as err:
         raise UsageError(str(err)) from None
     print(f"wrote {path}")

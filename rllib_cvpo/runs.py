@@ -153,33 +153,39 @@ def collect_curves(run_dirs: List[str | Path]) -> Dict[str, Dict[str, "object"]]
 
 
 def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] = None,
-              cost_limit: Optional[float] = None) -> Path:
+              cost_limit: Optional[float] = None, baseline: Optional[List[str | Path]] = None) -> Path:
     """Return and cost against env steps for one or several runs (e.g. seeds): the mean line and the min-max band
-    across runs, evaluation (deterministic) and training episodes, the cost limit dashed. Returns the PNG path."""
+    across runs, evaluation (deterministic) and training episodes, the cost limit dashed. ``baseline``: other runs
+    drawn beside them in grey (e.g. the same budget with the limit lifted), each group labelled by its cost limit.
+    Returns the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = collect_curves(run_dirs)
-    limit = cost_limit if cost_limit is not None else curves["cost_limit"]
+    groups = [(collect_curves(run_dirs), ("tab:blue", "tab:orange"))]
+    if baseline:
+        groups.append((collect_curves(baseline), ("dimgray", "darkgray")))
+    limit = cost_limit if cost_limit is not None else groups[0][0]["cost_limit"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (metric, label) in zip(axes, (("return", "episode return"), ("cost", "episode cost"))):
-        for prefix, style in (("eval_", "-"), ("episode_", ":")):
-            c = curves.get(prefix + metric)
-            if c is None:
-                continue
-            name = "evaluation (deterministic)" if prefix == "eval_" else "training episodes"
-            line = ax.plot(c["steps"], c["mean"], style, marker="o", markersize=2.5,
-                           label=f"{name}, mean of {c['runs']}" if c["runs"] > 1 else name)[0]
-            if c["runs"] > 1:
-                ax.fill_between(c["steps"], c["min"], c["max"], color=line.get_color(), alpha=0.2)
+        for curves, colors in groups:
+            group = f"limit {curves['cost_limit']:g}: " if baseline else ""
+            for (prefix, style), color in zip((("eval_", "-"), ("episode_", ":")), colors):
+                c = curves.get(prefix + metric)
+                if c is None:
+                    continue
+                name = group + ("evaluation (deterministic)" if prefix == "eval_" else "training episodes")
+                ax.plot(c["steps"], c["mean"], style, marker="o", markersize=2.5, color=color,
+                        label=f"{name}, mean of {c['runs']}" if c["runs"] > 1 else name)
+                if c["runs"] > 1:
+                    ax.fill_between(c["steps"], c["min"], c["max"], color=color, alpha=0.2)
         if metric == "cost":
             ax.axhline(limit, color="red", linestyle="--", label=f"cost limit {limit:g}")
         ax.set_xlabel("env steps")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(title or ", ".join(Path(r).name for r in run_dirs)[:120], fontsize=10)
     fig.tight_layout()
     out = Path(out)

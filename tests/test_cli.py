@@ -155,6 +155,13 @@ def test_train_checkpoint_evaluate_plot_end_to_end(ray_local, small_yaml, tmp_pa
     image = imageio.imread(png)
     assert image.ndim == 3 and image.shape[0] > 300 and image.std() > 10
     assert (run_dir / "curves.png").stat().st_size > 10_000
+    # --baseline draws other runs beside them (grey), and a missing baseline directory is a usage error.
+    png2 = tmp_path / "plot_vs.png"
+    pl = run_cli("plot", run_dir, "--baseline", run_dir, "--out", png2)
+    assert pl.returncode == 0, pl.stderr
+    assert np.abs(imageio.imread(png2).astype(float) - image).mean() > 1  # the grey curves are there
+    pl = run_cli("plot", run_dir, "--baseline", tmp_path / "nope", "--out", png2)
+    assert pl.returncode == 2 and "run directory not found" in pl.stderr and "nope" in pl.stderr
 
 
 def _wait_for(predicate, timeout, what, proc=None):
