@@ -19,11 +19,20 @@ CLI = [sys.executable, "-m", "rllib_cvpo.cli"]
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["cost_limit_sweep", "kl_bounds_sweep", "speed_limit_quick"])
-def test_shipped_sweep_files_parse_and_build(name):
+SHIPPED = sorted((REPO / "tune_configs").glob("*.yaml")) + sorted((REPO / "benchmarks" / "learning").glob("*.yaml"))
+
+
+def test_the_shipped_sweep_files_are_all_found():
+    assert {p.stem for p in SHIPPED} >= {"cost_limit_sweep", "kl_bounds_sweep", "speed_limit_quick", "goal_seeds",
+                                         "goal_lifted", "cheetah_seeds", "cheetah_lifted", "circle_seeds",
+                                         "circle_lifted"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_sweep_files_parse_and_build(path):
     from rllib_cvpo.sweep import build_param_space
 
-    spec = load_sweep(REPO / "tune_configs" / f"{name}.yaml")
+    spec = load_sweep(path)
     space = build_param_space(spec)
     for key, dist in spec["search"].items():
         assert key in space and space[key] is not None
