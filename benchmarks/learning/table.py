@@ -1,0 +1,69 @@
+"""Per-run learning figures for docs/benchmarks.md section 5, from sweep or train run directories.
+
+    .venv/bin/python benchmarks/learning/table.py STORE/goal_seeds STORE/goal_lifted
+
+For each trial: the means over the second half of the run (iterations after half the final env steps) of the
+training-episode return and cost and of the deterministic evaluation return and cost, how many of those evaluations
+were within the limit, and, from the trial's latest checkpoint, how the cost critic compares with the costs in its
+replay buffer: the mean Q_c(s, a) over the replayed pairs against mean(cost) / (1 - gamma), the discounted cost-to-go
+those pairs would have if the replayed state distribution were stationary (episodes here are 5-10x longer than
+1 / (1 - gamma), so the truncation correction is small).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from rllib_cvpo.runs import read_results, trial_dirs
+
+
+def critic_calibration(trial: Path) -> tuple[float, float] | None:
+    """(mean critic Q_c on the replayed (s, a), stationary cost-to-go of the replay) at the latest checkpoint."""
+    from rllib_cvpo import load_policy
+    from rllib_cvpo.cvpo.cvpo import REPLAY_STATE
+
+    checkpoints = sorted(trial.glob("checkpoint_*"))
+    if not checkpoints:
+        return None
+    latest = checkpoints[-1]
+    with open(latest / "algorithm_state.pkl", "rb") as fh:
+        data = pickle.load(fh)[REPLAY_STATE]["buffer"]["data"]
+    gamma = json.loads((trial / "params.json").read_text()).get("gamma", 0.99)
+    policy = load_policy(latest, which="latest")
+    q = policy.cost_value(data["obs"], data["actions"]).reshape(-1)
+    return float(q.mean()), float(data["costs"][:, 0].mean() / (1.0 - gamma))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--no-critic", action="store_true", help="skip the cost-critic calibration column")
+    args = parser.parse_args()
+    print("| run | trial | env steps | training return | training cost | eval return | eval cost | "
+          "evaluations within the limit | critic Q_c / replay cost-to-go |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for run in args.runs:
+        for trial in trial_dirs(run):
+            df = read_results(trial)
+            if not len(df):
+                continue
+            final = float(df["env_steps"].iloc[-1])
+            half = df[df["env_steps"] > final / 2]
+            limit = float(df["cost_limit"].iloc[-1])
+            ev = half["eval_cost"].dropna()
+            within = f"{int((ev <= limit).sum())} of {len(ev)}"
+            calib = None if args.no_critic else critic_calibration(trial)
+            calib_text = f"{calib[0]:.2f} / {calib[1]:.2f} ({calib[0] / calib[1]:.2f})" if calib else "-"
+            name = trial.name.split("_", 3)[-1].rsplit("_", 2)[0]  # e.g. 0_cost_limit=25,seed=0
+            print(f"| {Path(run).name} | {name} | {final:,.0f} | {half['episode_return'].mean():.1f} | "
+                  f"{half['episode_cost'].mean():.1f} | {half['eval_return'].mean():.1f} | "
+                  f"{half['eval_cost'].mean():.1f} | {within} | {calib_text} |")
+
+
+if __name__ == "__main__":
+    main()
