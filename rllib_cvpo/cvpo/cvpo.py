@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Mapping, Optional, Union
 
+import numpy as np
+
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
@@ -29,6 +31,7 @@ from ray.util.debug import log_once
 
 from rllib_cvpo.cvpo.callbacks import CostMetricsCallback
 from rllib_cvpo.cvpo.estep import qc_threshold
+from rllib_cvpo.cvpo.feedback import THRESHOLD_SCALE, update_log_scale
 from rllib_cvpo.cvpo.replay import CostReplayBuffer
 
 # CVPO exists on RLlib's new API stack only, so RLlib's one-time "you are running on the new API stack" notice says
@@ -36,6 +39,7 @@ from rllib_cvpo.cvpo.replay import CostReplayBuffer
 log_once("CVPO_on_new_api_stack")
 
 REPLAY_STATE = "cvpo_replay_buffer"
+COST_FEEDBACK = "cost_threshold_scale"  # kappa per cost key: in results, and log kappa in checkpoints
 SUMMARY = "cvpo"  # the per-iteration summary that reports, checkpoint ranking and the command line read
 SCORE = "cvpo_score"  # = result[SUMMARY]["score"]: feasible first, then return (the checkpoint ranking)
 INFEASIBLE_SCORE_OFFSET = -1e9
@@ -60,6 +64,7 @@ class CVPOConfig(AlgorithmConfig):
         self.cost_limit: Union[float, Dict[str, float]] = 25.0
         self.cost_limit_start: Optional[Union[float, Dict[str, float]]] = None
         self.cost_limit_anneal_steps: int = 0
+        self.cost_feedback_gain = 0.0
         self.episode_len: Optional[int] = None
         # E-step.
         self.estep_kl = 0.02
@@ -112,6 +117,7 @@ class CVPOConfig(AlgorithmConfig):
         cost_limit=NotProvided,
         cost_limit_start=NotProvided,
         cost_limit_anneal_steps=NotProvided,
+        cost_feedback_gain=NotProvided,
         episode_len=NotProvided,
         estep_kl=NotProvided,
         num_action_samples=NotProvided,
@@ -150,6 +156,9 @@ class CVPOConfig(AlgorithmConfig):
             cost_limit_start: an optional looser limit to anneal from: d(t) = d + (d_start - d) exp(-5 t / t_anneal)
                 over ``cost_limit_anneal_steps`` env steps, then d ([ORIG] ``use_cost_decay``; off by default).
             cost_limit_anneal_steps: t_anneal, env steps of the annealing (default 0: no annealing).
+            cost_feedback_gain: the gain of the cost feedback that scales each E-step threshold by kappa in
+                [0.05, 2], adapted from the cost the exploring policy incurs (``rllib_cvpo.cvpo.feedback``), per
+                episode's worth of env steps (default 0: off [ours]).
             episode_len: T, the episode length used to turn d into the per-step Q_c threshold
                 eps_c = d (1 - gamma^T) / ((1 - gamma) T); default None: the env's time limit.
             estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.02, [FSRL]).
@@ -310,6 +319,7 @@ class CVPOConfig(AlgorithmConfig):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v < limits[key]:
                     errors.append(f"cost_limit_start for {key!r} must be a number >= its cost_limit, got {v!r}")
         number("cost_limit_anneal_steps", 0)
+        number("cost_feedback_gain", 0)
         if self.episode_len is not None and (not isinstance(self.episode_len, int) or self.episode_len < 1):
             errors.append(f"episode_len must be a positive integer or None, got {self.episode_len!r}")
         number("gamma", 0.0, 1.0)
@@ -367,6 +377,7 @@ class CVPO(Algorithm):
         super().setup(config)
         self.replay = CostReplayBuffer(config.replay_capacity, config.cost_keys, seed=config.seed)
         self._update_credit = 0.0
+        self._log_threshold_scale = np.zeros(len(config.cost_keys))  # log kappa of the cost feedback
 
     @override(Algorithm)
     def training_step(self) -> None:
@@ -388,6 +399,12 @@ class CVPO(Algorithm):
         lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
         if lifetime < cfg.num_steps_sampled_before_learning_starts:
             return
+        if cfg.cost_feedback_gain > 0:  # not during warm-up: those steps come from uniformly random actions
+            limits = list(cfg.cost_limits_at(lifetime).values())
+            self._log_threshold_scale = update_log_scale(self._log_threshold_scale, self.replay.last_added_costs,
+                                                         sampled, limits, cfg.horizon, cfg.cost_feedback_gain)
+            for key, scale in zip(cfg.cost_keys, np.exp(self._log_threshold_scale)):
+                self.metrics.log_value((COST_FEEDBACK, key), float(scale), window=1)
         self._update_credit += sampled * cfg.updates_per_env_step
         num_updates = int(self._update_credit)
         if num_updates == 0:
@@ -404,7 +421,8 @@ class CVPO(Algorithm):
                 minibatch_size=per_learner,
                 num_epochs=1,
                 shuffle_batch_per_epoch=False,
-                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime},
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime,
+                           THRESHOLD_SCALE: np.exp(self._log_threshold_scale).tolist()},
             )
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
@@ -494,6 +512,8 @@ class CVPO(Algorithm):
         state = super().get_state(components, not_components=not_components, **kwargs)
         if self.config.store_buffer_in_checkpoints and self._check_component(REPLAY_STATE, components, not_components):
             state[REPLAY_STATE] = {"buffer": self.replay.get_state(), "credit": self._update_credit}
+        if self._check_component(COST_FEEDBACK, components, not_components):
+            state[COST_FEEDBACK] = {"log_scale": self._log_threshold_scale.copy()}
         return state
 
     @override(Algorithm)
@@ -502,3 +522,5 @@ class CVPO(Algorithm):
         if REPLAY_STATE in state:
             self.replay.set_state(state[REPLAY_STATE]["buffer"])
             self._update_credit = float(state[REPLAY_STATE]["credit"])
+        if COST_FEEDBACK in state:
+            self._log_threshold_scale = np.array(state[COST_FEEDBACK]["log_scale"], np.float64)

@@ -32,6 +32,7 @@ class CostReplayBuffer:
         self._next = 0
         self._size = 0
         self.num_added = 0
+        self.last_added_costs = np.zeros(len(self.cost_keys))  # summed costs of the last add(), per cost key
 
     def __len__(self) -> int:
         return self._size
@@ -42,6 +43,7 @@ class CostReplayBuffer:
     def add(self, episodes: Iterable[Any]) -> int:
         """Add the transitions of ``SingleAgentEpisode`` chunks; returns the number added."""
         added = 0
+        cost_sums = np.zeros(len(self.cost_keys))
         for ep in episodes:
             n = len(ep)
             if n == 0:
@@ -73,7 +75,9 @@ class CostReplayBuffer:
             self._next = int((self._next + n) % self.capacity)
             self._size = min(self.capacity, self._size + n)
             added += n
+            cost_sums += costs.sum(0, dtype=np.float64)
         self.num_added += added
+        self.last_added_costs = cost_sums
         return added
 
     def sample(self, num_items: int) -> Dict[str, np.ndarray]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from rllib_cvpo.cvpo import estep
+from rllib_cvpo.cvpo.feedback import THRESHOLD_SCALE
 from rllib_cvpo.cvpo.mstep import kl_mean_and_std, weighted_mle_loss
 from rllib_cvpo.cvpo.replay import COSTS
 
@@ -57,6 +58,7 @@ class CVPOTorchLearner(TorchLearner):
         self._env_steps = 0
         self.last_estep: Dict[str, Dict[str, Any]] = {}
         self._threshold_cache: Dict[str, Tuple[Any, list]] = {}
+        self._threshold_scale: Optional[list] = None
 
     @override(TorchLearner)
     def _make_modules_ddp_if_necessary(self) -> None:
@@ -78,6 +80,7 @@ class CVPOTorchLearner(TorchLearner):
     def before_gradient_based_update(self, *, timesteps: Dict[str, Any]) -> None:
         super().before_gradient_based_update(timesteps=timesteps)
         self._env_steps = int(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, self._env_steps) or 0)
+        self._threshold_scale = timesteps.get(THRESHOLD_SCALE)  # the cost feedback's kappa (None: 1)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     def _allreduce_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +97,9 @@ class CVPOTorchLearner(TorchLearner):
         cached = self._threshold_cache.get(mid)
         if cached is None or cached[0] != key:
             cached = self._threshold_cache[mid] = (key, cfg.qc_thresholds(self._env_steps))
-        return cached[1]
+        if self._threshold_scale is None:
+            return cached[1]
+        return [t * k for t, k in zip(cached[1], self._threshold_scale)]
 
     def _allreduce_numpy(self, x: np.ndarray) -> np.ndarray:
         """The E-step dual's per-state sums (a small float64 vector), summed over learners."""
