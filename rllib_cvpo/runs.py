@@ -156,21 +156,29 @@ def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] 
               cost_limit: Optional[float] = None, baseline: Optional[List[str | Path]] = None) -> Path:
     """Return and cost against env steps for one or several runs (e.g. seeds): the mean line and the min-max band
     across runs, evaluation (deterministic) and training episodes, the cost limit dashed. ``baseline``: other runs
-    drawn beside them in grey (e.g. the same budget with the limit lifted), each group labelled by its cost limit.
+    drawn beside them in grey (e.g. the same budget with the limit lifted), each group labelled by its cost limit
+    (by its first directory's name where both have the same limit).
     Returns the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(collect_curves(run_dirs), ("tab:blue", "tab:orange"))]
+    groups = [(collect_curves(run_dirs), ("tab:blue", "tab:orange"), run_dirs)]
     if baseline:
-        groups.append((collect_curves(baseline), ("dimgray", "darkgray")))
+        groups.append((collect_curves(baseline), ("dimgray", "darkgray"), baseline))
     limit = cost_limit if cost_limit is not None else groups[0][0]["cost_limit"]
+    # Groups are told apart by their cost limits, or by their directory names where the limits are the same.
+    by_limit = len({g[0]["cost_limit"] for g in groups}) == len(groups)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (metric, label) in zip(axes, (("return", "episode return"), ("cost", "episode cost"))):
-        for curves, colors in groups:
-            group = f"limit {curves['cost_limit']:g}: " if baseline else ""
+        for curves, colors, dirs in groups:
+            if not baseline:
+                group = ""
+            elif by_limit:
+                group = f"limit {curves['cost_limit']:g}: "
+            else:
+                group = f"{Path(dirs[0]).resolve().name}: "
             for (prefix, style), color in zip((("eval_", "-"), ("episode_", ":")), colors):
                 c = curves.get(prefix + metric)
                 if c is None:

@@ -58,7 +58,9 @@ def main() -> None:
             ev = half["eval_cost"].dropna()
             within = f"{int((ev <= limit).sum())} of {len(ev)}"
             calib = None if args.no_critic else critic_calibration(trial)
-            calib_text = f"{calib[0]:.2f} / {calib[1]:.2f} ({calib[0] / calib[1]:.2f})" if calib else "-"
+            calib_text = "-"
+            if calib:  # the ratio only where the replay holds any cost
+                calib_text = f"{calib[0]:.2f} / {calib[1]:.2f}" + (f" ({calib[0] / calib[1]:.2f})" if calib[1] > 0 else "")
             name = trial.name.split("_", 3)[-1].rsplit("_", 2)[0]  # e.g. 0_cost_limit=25,seed=0
             print(f"| {Path(run).name} | {name} | {final:,.0f} | {half['episode_return'].mean():.1f} | "
                   f"{half['episode_cost'].mean():.1f} | {half['eval_return'].mean():.1f} | "
