@@ -45,10 +45,12 @@ def _identity(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _as_float64(x) -> np.ndarray:
+def _as_float64(x, contiguous: bool = True) -> np.ndarray:
+    """A float64 numpy array of ``x``. A tensor's ``.to()`` keeps its strides, so with ``contiguous=False`` a
+    transposed view stays a view of the converted data (no second copy)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float64).numpy()
-    return np.ascontiguousarray(x, dtype=np.float64)
+    return np.ascontiguousarray(x, dtype=np.float64) if contiguous else np.asarray(x, dtype=np.float64)
 
 
 def _state_sums(eta: float, lam: np.ndarray, qr: np.ndarray, qc: np.ndarray) -> np.ndarray:
@@ -107,7 +109,9 @@ def _state_sums_one(eta: float, lam: float, qr_t: np.ndarray, c_t: np.ndarray) -
 class DualProblem:
     """The dual of one (possibly sharded) batch. ``qr[B, N]``, ``qc[B, N, m]`` (torch tensors on any device, or
     arrays) are copied once to float64 numpy: the dual has 1 + m variables, so its Newton iterations are dominated
-    by per-call overhead, which numpy keeps small (see benchmarks/estep_solvers.py)."""
+    by per-call overhead, which numpy keeps small (see benchmarks/estep_solvers.py). With one constraint the data
+    is held sample-major ([N, B], for ``_state_sums_one``) and ``qr`` / ``qc`` are views of it; the learner's
+    critic outputs already have that layout underneath, so the float64 conversion is the only copy."""
 
     qr: np.ndarray
     qc: np.ndarray
@@ -116,16 +120,19 @@ class DualProblem:
     reduce: Reduce = _identity
 
     def __post_init__(self) -> None:
-        self.qr = _as_float64(self.qr)
-        self.qc = _as_float64(self.qc)
-        if self.qc.ndim == 2:
-            self.qc = self.qc[..., None]
-        self.m = self.qc.shape[-1]
+        qr, qc = _as_float64(self.qr, contiguous=False), _as_float64(self.qc, contiguous=False)
+        if qc.ndim == 2:
+            qc = qc[..., None]
+        self.m = qc.shape[-1]
         self.eps_c = np.asarray(self.thresholds, np.float64).reshape(-1)
         if self.eps_c.shape != (self.m,):
             raise ValueError(f"{self.m} cost critics but {self.eps_c.size} thresholds")
-        # One constraint: sample-major copies for _state_sums_one (two copies per batch, saved back on every pass).
-        self._one = (np.ascontiguousarray(self.qr.T), np.ascontiguousarray(self.qc[..., 0].T)) if self.m == 1 else None
+        if self.m == 1:
+            self._one = (np.ascontiguousarray(qr.T), np.ascontiguousarray(qc[..., 0].T))  # [N, B] each
+            self.qr, self.qc = self._one[0].T, self._one[1].T[..., None]
+        else:
+            self._one = None
+            self.qr, self.qc = np.ascontiguousarray(qr), np.ascontiguousarray(qc)
 
     def local_sums(self, theta) -> np.ndarray:
         """This shard's ``_state_sums`` at theta = (eta, lambda_1..m), before the reduce."""
