@@ -31,8 +31,9 @@ def trial_dirs(run_dir: str | Path) -> List[Path]:
 
 
 def read_results(trial_dir: str | Path) -> pd.DataFrame:
-    """One row per training iteration: CVPO's summary columns, ``time_total_s`` and ``training_iteration``. Rows repeated by a resumed run (an iteration trained again after restoring an earlier
-    checkpoint) keep their latest version."""
+    """One row per training iteration: CVPO's summary columns, ``time_total_s`` and ``training_iteration``. Rows
+    repeated by a resumed run (an iteration trained again after restoring an earlier checkpoint) keep their latest
+    version."""
     rows = []
     with open(Path(trial_dir) / "result.json") as fh:
         for line in fh:

@@ -411,6 +411,9 @@ class CVPO(Algorithm):
             return
         self._update_credit -= num_updates
         per_learner = cfg.train_batch_size_per_learner
+        timesteps = {NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime}
+        if cfg.cost_feedback_gain > 0:
+            timesteps[THRESHOLD_SCALE] = np.exp(self._log_threshold_scale).tolist()
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER)):
             columns = self.replay.sample(num_updates * cfg.total_train_batch_size)
         # Several learners: the learner group shards the batch; each learner then runs `num_updates` minibatches.
@@ -421,8 +424,7 @@ class CVPO(Algorithm):
                 minibatch_size=per_learner,
                 num_epochs=1,
                 shuffle_batch_per_epoch=False,
-                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime,
-                           THRESHOLD_SCALE: np.exp(self._log_threshold_scale).tolist()},
+                timesteps=timesteps,
             )
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):

@@ -63,9 +63,7 @@ def write_video(frames, path, env):
 
 def evaluate_module(module, env_id: str, episodes: int = 10, seed: int = 10_000) -> Tuple[np.ndarray, np.ndarray]:
     """Per-episode returns and costs of the deterministic policy over ``episodes`` seeded episodes."""
-    from rllib_cvpo.envs import make_env
-
-    space = make_env(env_id).action_space
+    space = module.action_space
     returns, costs, _ = run_episodes(
         lambda obs: deterministic_actions(module, obs[None], space.low, space.high)[0], env_id, episodes, seed
     )
