@@ -1,132 +1,253 @@
-"""Full CVPO updates per second on this CPU (critic step + E-step + M-step), with the time split by phase.
+"""CVPO learner updates per second on this CPU, against the time the update's own dense matmuls take alone.
 
-    .venv/bin/python benchmarks/learner_throughput.py            # B=256, N=16 and 32, hidden 256x256, threads 1 and 2
-    .venv/bin/python benchmarks/learner_throughput.py --profile  # plus a cProfile of the update path
+    .venv/bin/python benchmarks/learner_throughput.py                       # FSRL's Circle settings, 256x256, N 32
+    .venv/bin/python benchmarks/learner_throughput.py --before ../old-tree  # and an older checkout, side by side
+    .venv/bin/python benchmarks/learner_throughput.py --profile             # plus torch's op profile of one call
 
-The path measured is the training path: replay.sample -> MultiAgentBatch -> learner_group.update (RLlib's learner
-connector, batch conversion, minibatch iteration) -> CVPOTorchLearner._update. Phases: the critic step; the E-step
-split into sampling N actions per state and evaluating every critic on all B*N of them (one batched forward per
-ensemble) versus the dual solve; the M-step; and everything else (replay sampling, RLlib's connector and batching).
-Observations are SafetyPointGoal1-v0's (60 floats), actions 2-D; the replay holds random transitions.
+For each setting (default: B 256, N 16, hidden 128x128, obs 28, act 2 = FSRL's SafetyPointCircle1 settings; then
+hidden 256x256; then N 32), with one torch thread unless --threads says otherwise, it prints:
+- training path: updates/s through what training runs: replay.sample -> MultiAgentBatch -> learner_group.update
+  (RLlib's batch conversion and minibatch iteration) -> CVPOTorchLearner._update, 50 updates per call;
+- update alone: updates/s of ``_update`` on a minibatch already in tensors;
+- matmuls alone: the time of every dense matmul one update runs (forward and backward, captured from a real update
+  with a TorchDispatchMode and replayed on the same shapes), and the ratio update / matmuls: how close the update
+  runs to the arithmetic it cannot avoid. The ratio is a property of the code, nearly independent of how fast or
+  busy the machine is;
+- the update's phases (critic step, E-step critics, dual, M-step) from the learner's own timers.
+
+Each (checkout, setting) runs in a fresh process, so allocator settings and warm caches do not leak between them.
+``--before DIR`` measures the rllib_cvpo package in DIR (e.g. ``git worktree add ../old-tree HEAD~5``) in the same
+run, interleaved with this one, and prints the ratio of their training-path rates.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
-import cProfile
-import io
-import pstats
+import json
+import os
+import platform
+import subprocess
+import sys
 import time
-
-import numpy as np
-import torch
+from pathlib import Path
 
 UPDATES_PER_CALL = 50  # learner updates per training_step at 0.25 updates/step and 200-step fragments
+SETTINGS = {  # name: (B, N, hidden, obs dim)
+    "fsrl-circle": (256, 16, 128, 28),
+    "hidden-256": (256, 16, 256, 28),
+    "n-32": (256, 32, 128, 28),
+}
+MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot")
 
 
-def build(n: int, threads: int, device: str = "cpu"):
+def _build(batch: int, n: int, hidden: int, obs_dim: int, twin_q: bool):
     import gymnasium as gym
+    import numpy as np
     import ray
     from ray.rllib.core import DEFAULT_MODULE_ID
-    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
     from rllib_cvpo import CVPOConfig
     from rllib_cvpo.cvpo.replay import CostReplayBuffer
 
-    torch.set_num_threads(threads)
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    obs_space = gym.spaces.Box(-np.inf, np.inf, (60,), np.float32)
+    obs_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
     act_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
     config = (
         CVPOConfig()
         .environment(observation_space=obs_space, action_space=act_space)
-        .training(num_action_samples=n, train_batch_size_per_learner=256, episode_len=1000)
-        .learners(num_learners=0, num_gpus_per_learner=1 if device == "cuda" else 0)
-        .rl_module(model_config={"fcnet_hiddens": [256, 256]})
+        .training(num_action_samples=n, train_batch_size_per_learner=batch, episode_len=1000, twin_q=twin_q)
+        .learners(num_learners=0)
+        .rl_module(model_config={"fcnet_hiddens": [hidden, hidden]})
     )
-    learner_group = config.build_learner_group(env=None, spaces={DEFAULT_MODULE_ID: (obs_space, act_space)})
-    learner = learner_group._learner
+    group = config.build_learner_group(env=None, spaces={DEFAULT_MODULE_ID: (obs_space, act_space)})
     rng = np.random.default_rng(0)
     replay = CostReplayBuffer(100_000, ["cost"], seed=0)
     size = 50_000
     replay._data = {
-        "obs": rng.normal(size=(size, 60)).astype(np.float32),
+        "obs": rng.normal(size=(size, obs_dim)).astype(np.float32),
         "actions": rng.uniform(-1, 1, (size, 2)).astype(np.float32),
         "rewards": rng.normal(size=size).astype(np.float32),
         "costs": rng.uniform(0, 1, (size, 1)).astype(np.float32),
-        "new_obs": rng.normal(size=(size, 60)).astype(np.float32),
-        "terminateds": np.zeros(size, bool),
+        "new_obs": rng.normal(size=(size, obs_dim)).astype(np.float32),
+        "terminateds": np.zeros(size, np.float32),
     }
     replay._size, replay._next = size, 0
+    return group, replay
 
-    phases = collections.defaultdict(float)
+
+def _capture_matmuls(fn):
+    """Run ``fn`` once and return the dense matmul calls it made (aten op, cloned arguments), forward and backward."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    def clone(x):
+        return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+    class Capture(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket.__name__ in MATMUL_OPS:
+                calls.append((func, [clone(a) for a in args], {k: clone(v) for k, v in kwargs.items()}))
+            return func(*args, **kwargs)
+
+    with Capture():
+        fn()
+    return calls
+
+
+def measure(batch: int, n: int, hidden: int, obs_dim: int, threads: int, calls: int, twin_q: bool,
+            profile: bool) -> dict:
+    import torch
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+    torch.set_num_threads(threads)
+    group, replay = _build(batch, n, hidden, obs_dim, twin_q)
+    learner = group._learner
+    phases: dict = {}
     original = learner.metrics.log_dict
 
     def recording_log_dict(d, *args, **kwargs):
         for key in ("time_critic_s", "time_estep_s", "time_dual_s", "time_mstep_s"):
             if key in d:
-                phases[key] += d[key]
+                phases[key] = phases.get(key, 0.0) + d[key]
         return original(d, *args, **kwargs)
 
     learner.metrics.log_dict = recording_log_dict
 
-    def step(updates: int):
-        columns = replay.sample(updates * 256)
-        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns["obs"]))
-        learner_group.update(batch=batch, minibatch_size=256, num_epochs=1, shuffle_batch_per_epoch=False,
-                             timesteps={"num_env_steps_sampled_lifetime": 10_000})
+    def training_call():
+        columns = replay.sample(UPDATES_PER_CALL * batch)
+        mab = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns["obs"]))
+        group.update(batch=mab, minibatch_size=batch, num_epochs=1, shuffle_batch_per_epoch=False,
+                     timesteps={"num_env_steps_sampled_lifetime": 10_000})
 
-    return step, phases, learner_group
-
-
-def measure(n: int, threads: int, calls: int, profile: bool):
-    step, phases, group = build(n, threads)
-    step(UPDATES_PER_CALL)  # warm-up (allocations, first Adam steps)
+    training_call()  # warm-up: allocations, first optimizer steps
     phases.clear()
-    prof = cProfile.Profile() if profile else None
     t0 = time.perf_counter()
-    if prof:
-        prof.enable()
     for _ in range(calls):
-        step(UPDATES_PER_CALL)
-    if prof:
-        prof.disable()
-    total = time.perf_counter() - t0
-    group.shutdown()
+        training_call()
+    training_s = time.perf_counter() - t0
     updates = calls * UPDATES_PER_CALL
-    critic, estep_all, dual, mstep = (phases[k] for k in ("time_critic_s", "time_estep_s", "time_dual_s", "time_mstep_s"))
-    split = {
-        "critic step": critic,
-        "E-step: sample + critics on B*N": estep_all - dual,
-        "E-step: dual solve": dual,
-        "M-step": mstep,
-        "replay sample + RLlib batching/connector": total - critic - estep_all - mstep,
-    }
+    split = {k: 1e3 * v / updates for k, v in phases.items()}
+
+    columns = replay.sample(batch)
+    tensors = learner._convert_batch_type(
+        MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=batch)).policy_batches
+
+    def one_update():
+        learner._update(tensors)
+
+    for _ in range(5):
+        one_update()
+    t0 = time.perf_counter()
+    for _ in range(updates):
+        one_update()
+    update_s = (time.perf_counter() - t0) / updates
+
+    ops = _capture_matmuls(one_update)
+    with torch.no_grad():
+        for func, args, kwargs in ops:
+            func(*args, **kwargs)
+        reps = max(updates // 2, 20)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            for func, args, kwargs in ops:
+                func(*args, **kwargs)
+        matmul_s = (time.perf_counter() - t0) / reps
+    flops = 0
+    for func, args, _ in ops:
+        name = func.overloadpacket.__name__
+        a, b = (args[1], args[2]) if name.startswith("add") or name == "baddbmm" else (args[0], args[1])
+        flops += 2 * a.numel() * (b.shape[-1] if b.dim() > 1 else 1)
     report = None
-    if prof:
-        out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
-        report = out.getvalue()
-    return updates / total, {k: v / total for k, v in split.items()}, 1e3 * total / updates, report
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            training_call()
+        report = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40)
+    group.shutdown()
+    return {
+        "training_updates_per_s": updates / training_s,
+        "update_ms": 1e3 * update_s,
+        "matmul_ms": 1e3 * matmul_s,
+        "matmul_ops": len(ops),
+        "matmul_gflops": flops / matmul_s / 1e9,
+        "phases_ms": split,
+        "profile": report,
+    }
+
+
+def _child(args) -> None:
+    source = args.child_source
+    if source:
+        sys.path.insert(0, source)
+    batch, n, hidden, obs_dim = SETTINGS[args.child_setting]
+    result = measure(batch, n, hidden, obs_dim, args.threads, args.calls, not args.single_q, args.profile)
+    import rllib_cvpo
+
+    result["package"] = str(Path(rllib_cvpo.__file__).parent)
+    print("RESULT " + json.dumps(result))
+
+
+def _run_child(setting: str, source: str | None, args) -> dict:
+    cmd = [sys.executable, __file__, "--child-setting", setting, "--threads", str(args.threads),
+           "--calls", str(args.calls)]
+    if source:
+        cmd += ["--child-source", source]
+    if args.single_q:
+        cmd.append("--single-q")
+    if args.profile:
+        cmd.append("--profile")
+    env = dict(os.environ)
+    if source:  # the other checkout's package first on the path, in the child only
+        env["PYTHONPATH"] = source + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=source or None)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"benchmark child failed ({setting}, {source or 'this checkout'}):\n{out.stderr[-3000:]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=6, help="update calls of 50 updates each")
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--calls", type=int, default=6, help="training-path calls of 50 updates each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--before", metavar="DIR", help="a checkout whose rllib_cvpo to measure side by side")
+    parser.add_argument("--single-q", action="store_true", help="one reward critic (twin_q=False), as FSRL's default")
+    parser.add_argument("--profile", action="store_true", help="print torch's op profile of one training call")
+    parser.add_argument("--child-setting", help=argparse.SUPPRESS)
+    parser.add_argument("--child-source", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(f"CVPO learner updates on CPU: B=256, hidden 256x256, obs 60, act 2, {UPDATES_PER_CALL} updates per call")
-    for n in (16, 32):
-        for threads in (1, 2):
-            rate, split, ms, report = measure(n, threads, args.calls, args.profile and threads == 1 and n == 32)
-            print(f"\nN={n}, torch threads={threads}: {rate:.1f} updates/s ({ms:.1f} ms per update)")
-            for name, frac in split.items():
-                print(f"  {name:42s} {frac:6.1%}")
-            if report:
-                print("\nprofile (N=32, 1 thread), by cumulative time:")
-                print("\n".join(report.splitlines()[:45]))
+    if args.child_setting:
+        _child(args)
+        return
+    print(f"CVPO learner on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+          f"{args.threads}, twin_q={not args.single_q}, {UPDATES_PER_CALL} updates per training call")
+    sources = [("this", None)] + ([("before", str(Path(args.before).resolve()))] if args.before else [])
+    for setting in args.settings:
+        batch, n, hidden, obs_dim = SETTINGS[setting]
+        print(f"\n{setting}: B {batch}, N {n}, hidden {hidden}x{hidden}, obs {obs_dim}")
+        results = {}
+        for label, source in sources:
+            r = results[label] = _run_child(setting, source, args)
+            phases = ", ".join(f"{k[5:-2]} {v:.2f}" for k, v in r["phases_ms"].items())
+            print(f"  {label:6s} training path {r['training_updates_per_s']:6.1f} updates/s | update alone "
+                  f"{1e3 / r['update_ms']:6.1f}/s ({r['update_ms']:.2f} ms) | matmuls alone {r['matmul_ms']:.2f} ms "
+                  f"({r['matmul_ops']} ops, {r['matmul_gflops']:.0f} GFLOP/s) | update/matmuls "
+                  f"{r['update_ms'] / r['matmul_ms']:.2f}")
+            print(f"         phases (ms per update): {phases}")
+            if r.get("profile"):
+                print(r["profile"])
+        if "before" in results:
+            this, before = results["this"], results["before"]
+            print(f"  this / before: training path {this['training_updates_per_s'] / before['training_updates_per_s']:.2f}x,"
+                  f" update alone {before['update_ms'] / this['update_ms']:.2f}x")
 
 
 if __name__ == "__main__":

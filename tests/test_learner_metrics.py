@@ -1,0 +1,100 @@
+"""The learner's counters and metrics mean what they say: each trained row counted once, per-update metrics reduced
+to the mean over all updates of a call, the update counter exact, the E-step critic path equal to the plain one."""
+
+import numpy as np
+import pytest
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.metrics import ALL_MODULES, NUM_ENV_STEPS_TRAINED, NUM_ENV_STEPS_TRAINED_LIFETIME
+
+from rllib_cvpo.cvpo.replay import COSTS
+
+B = 32
+
+
+def _value(x) -> float:
+    """A reduced learner result leaf (a Stats object, or a number) as a float."""
+    return float(x.peek()) if hasattr(x, "peek") else float(x)
+
+
+def _learner_group(**training):
+    import gymnasium as gym
+
+    from rllib_cvpo import CVPOConfig
+
+    obs_space = gym.spaces.Box(-np.inf, np.inf, (5,), np.float32)
+    act_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    config = (
+        CVPOConfig()
+        .environment(observation_space=obs_space, action_space=act_space)
+        .training(num_action_samples=4, train_batch_size_per_learner=B, episode_len=100, **training)
+        .learners(num_learners=0)
+        .rl_module(model_config={"fcnet_hiddens": [16, 16]})
+        .debugging(seed=0)
+    )
+    return config.build_learner_group(env=None, spaces={DEFAULT_MODULE_ID: (obs_space, act_space)})
+
+
+def _batch(rows: int, seed: int = 0) -> MultiAgentBatch:
+    rng = np.random.default_rng(seed)
+    columns = {
+        "obs": rng.normal(size=(rows, 5)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, (rows, 2)).astype(np.float32),
+        "rewards": rng.normal(size=rows).astype(np.float32),
+        COSTS: rng.uniform(0, 1, (rows, 1)).astype(np.float32),
+        "new_obs": rng.normal(size=(rows, 5)).astype(np.float32),
+        "terminateds": (rng.uniform(size=rows) < 0.1).astype(np.float32),
+    }
+    return MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=rows)
+
+
+def test_rows_trained_are_counted_once_and_metrics_are_means_over_all_updates(ray_local):
+    group = _learner_group()
+    learner = group._learner
+    logged = []
+    original = learner.metrics.log_dict
+
+    def recording(d, *args, **kwargs):
+        logged.append({k: float(v) for k, v in d.items()})
+        return original(d, *args, **kwargs)
+
+    learner.metrics.log_dict = recording
+    try:
+        minibatches = 5
+        results = group.update(batch=_batch(minibatches * B), minibatch_size=B, num_epochs=1,
+                               shuffle_batch_per_epoch=False, timesteps={"num_env_steps_sampled_lifetime": 1000})
+        result = results[0] if isinstance(results, list) else results
+        assert len(logged) == minibatches
+        # 5 minibatches of 32 rows: 160 rows trained (RLlib alone reports 5 x 160 = 800).
+        assert _value(result[ALL_MODULES][NUM_ENV_STEPS_TRAINED]) == minibatches * B
+        assert _value(result[ALL_MODULES][NUM_ENV_STEPS_TRAINED_LIFETIME]) == minibatches * B
+        module = result[DEFAULT_MODULE_ID]
+        for key in ("eta", "lambda", "critic_loss_reward", "q_cost", "kl_mu", "estep_iterations", "dual_at_bound"):
+            values = [d[key] for d in logged]
+            if key in ("eta", "critic_loss_reward", "q_cost", "kl_mu"):
+                assert len(set(values)) == minibatches, key  # the updates really differ
+            assert _value(module[key]) == pytest.approx(np.mean(values), rel=1e-5, abs=1e-9), key
+        assert _value(module["num_cvpo_updates"]) == minibatches
+        group.update(batch=_batch(2 * B, seed=1), minibatch_size=B, num_epochs=1, shuffle_batch_per_epoch=False,
+                     timesteps={"num_env_steps_sampled_lifetime": 1100})
+        assert learner._cvpo[DEFAULT_MODULE_ID]["num_updates"] == minibatches + 2
+    finally:
+        group.shutdown()
+
+
+def test_target_critics_no_grad_path_equals_the_autograd_path():
+    """Targets are evaluated by the no-grad path (per-member matmuls into a reused workspace); its values equal the
+    training forward's, call after call (the workspace is reused, the result is not)."""
+    from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import CriticEnsemble
+
+    torch.manual_seed(0)
+    for activation in ("relu", "tanh", "elu", "silu"):
+        critics = CriticEnsemble(3, 7 + 2, [16, 24, 8], activation)
+        obs, actions = torch.randn(10, 7), torch.rand(10, 2) * 2 - 1
+        expected = critics(obs, actions).detach()
+        first = critics.forward_sampled(obs, actions.unsqueeze(0))
+        again = critics.forward_sampled(obs * 2, actions.unsqueeze(0))
+        torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(again, critics(obs * 2, actions).detach(), rtol=1e-5, atol=1e-6)
+        assert not first.requires_grad
