@@ -1,66 +1,84 @@
 """The cost feedback on the E-step thresholds: the control law, and its path through CVPO and checkpoints."""
 
-import math
-
 import numpy as np
 import pytest
 from helpers import small_config
 
 from rllib_cvpo.cvpo.cvpo import CVPO, COST_FEEDBACK
-from rllib_cvpo.cvpo.feedback import SCALE_MAX, SCALE_MIN, update_log_scale
+from rllib_cvpo.cvpo.estep import qc_threshold
+from rllib_cvpo.cvpo.feedback import OFFSET_MAX, update_offset
 
 
-def test_control_law_tightens_over_the_limit_loosens_under_it_and_stays_bounded():
-    # T = 100, limit 10: 400 steps with a summed cost of 80 is 20 per episode, twice the limit -> error +1 (clipped).
-    out = update_log_scale(np.zeros(2), [80.0, 20.0], 400, [10.0, 10.0], 100, gain=0.1)
-    np.testing.assert_allclose(out, [-0.1 * 4 * 1.0, -0.1 * 4 * (5.0 - 10.0) / 10.0])
+def test_control_law_tightens_over_the_target_relaxes_to_zero_under_it_and_stays_bounded():
+    # T = 100, limit 10, margin 0.1 (target 9): 400 steps with a summed cost of 40 is 10 per episode, 1 over the
+    # target; 400 steps are 4 episodes: o = 0.1 * 4 * 1 = 0.4. The second constraint's 20 per 400 steps is 5 per
+    # episode, 4 under: it stays at 0 (never below).
+    out = update_offset(np.zeros(2), [40.0, 20.0], 400, [10.0, 10.0], 100, gain=0.1, margin=0.1)
+    np.testing.assert_allclose(out, [0.4, 0.0])
     # The gain is per episode of experience: two calls of 200 steps move it as far as one of 400.
-    half = update_log_scale(update_log_scale(np.zeros(1), [40.0], 200, [10.0], 100, 0.1), [40.0], 200, [10.0], 100, 0.1)
-    np.testing.assert_allclose(half, out[:1])
-    # The error is bounded: 100x over the limit moves log kappa no more than 2x over.
-    np.testing.assert_allclose(update_log_scale(np.zeros(1), [4000.0], 400, [10.0], 100, 0.1), out[:1])
-    # A zero limit is measured against a cost of 1 per episode.
-    assert update_log_scale(np.zeros(1), [0.5], 100, [0.0], 100, 1.0)[0] == pytest.approx(-0.5)
-    # Bounds, and gain 0 or no steps leave it unchanged.
-    low = np.zeros(1)
-    for _ in range(200):
-        low = update_log_scale(low, [1e3], 100, [1.0], 100, 1.0)
-    assert math.exp(low[0]) == pytest.approx(SCALE_MIN)
+    half = update_offset(np.zeros(1), [20.0], 200, [10.0], 100, 0.1, 0.1)
+    np.testing.assert_allclose(update_offset(half, [20.0], 200, [10.0], 100, 0.1, 0.1), out[:1])
+    # Under the target it relaxes by the same law: from 0.4, 5 per episode (4 under) for 1 episode: 0.4 - 0.4 = 0.
+    assert update_offset(np.array([0.4]), [5.0], 100, [10.0], 100, 0.1, 0.1)[0] == pytest.approx(0.0)
+    assert update_offset(np.array([1.0]), [5.0], 100, [10.0], 100, 0.1, 0.1)[0] == pytest.approx(0.6)
+    # The error is bounded by max(d, 1): 100x over the limit moves it as far as 10 over (d = 10).
+    np.testing.assert_allclose(update_offset(np.zeros(1), [4000.0], 100, [10.0], 100, 0.1, 0.1), [1.0])
+    # A zero limit: target 0, bound 1.
+    assert update_offset(np.zeros(1), [0.5], 100, [0.0], 100, 1.0, 0.1)[0] == pytest.approx(0.5)
+    # Upper bound, and gain 0 or no steps leave it unchanged.
     high = np.zeros(1)
     for _ in range(200):
-        high = update_log_scale(high, [0.0], 100, [1.0], 100, 1.0)
-    assert math.exp(high[0]) == pytest.approx(SCALE_MAX)
-    assert update_log_scale(np.array([0.3]), [1e3], 100, [1.0], 100, 0.0)[0] == 0.3
-    assert update_log_scale(np.array([0.3]), [0.0], 0, [1.0], 100, 1.0)[0] == 0.3
+        high = update_offset(high, [1e3], 100, [2.0], 100, 1.0, 0.1)
+    assert high[0] == pytest.approx(OFFSET_MAX * 2.0)
+    assert update_offset(np.array([0.3]), [1e3], 100, [1.0], 100, 0.0, 0.1)[0] == 0.3
+    assert update_offset(np.array([0.3]), [0.0], 0, [1.0], 100, 1.0, 0.1)[0] == 0.3
 
 
-def test_validate_rejects_a_negative_gain():
+def test_validate_rejects_a_negative_gain_and_a_margin_outside_0_1():
     with pytest.raises(ValueError, match="cost_feedback_gain must be >= 0, got -0.1"):
         small_config(cost_feedback_gain=-0.1).validate()
+    with pytest.raises(ValueError, match="cost_feedback_margin must be <= 1, got 1.5"):
+        small_config(cost_feedback_margin=1.5).validate()
 
 
-def test_feedback_scales_the_learners_thresholds_and_survives_a_checkpoint(ray_local, tmp_path):
+def test_feedback_offsets_the_learners_thresholds_exactly_and_survives_a_checkpoint(ray_local, tmp_path):
     # SpeedLimit-v0 with limit 5: the early policy costs far more (a uniformly random one about 75 per episode), so
-    # kappa must fall below 1 and the E-step must use the scaled threshold.
+    # the offset must grow, and the E-step must use eps_c(d) - eps_c(1) * o (= eps_c(d - o), below 0 if o > d).
     config = small_config(cost_limit=5.0, cost_feedback_gain=0.5)
-    base = config.qc_thresholds()[0]
     algo = config.build_algo()
+    replayed = []
+    original = algo.replay.add
+
+    def recording(episodes, action_space=None):
+        added = original(episodes, action_space)
+        replayed.append((added, float(algo.replay.last_added_costs[0])))
+        return added
+
+    algo.replay.add = recording
     try:
         for _ in range(3):
             result = algo.train()
-        scale = math.exp(algo._log_threshold_scale[0])
-        assert SCALE_MIN <= scale < 1.0
-        assert result[COST_FEEDBACK]["cost"] == pytest.approx(scale)
+        # Replay the control law on the recorded (steps, cost) of every post-warm-up sampling round.
+        expected, seen = np.zeros(1), 0
+        for added, cost in replayed:
+            seen += added
+            if seen >= config.num_steps_sampled_before_learning_starts:
+                expected = update_offset(expected, [cost], added, [5.0], 200, 0.5, 0.1)
+        offset = float(algo._cost_offset[0])
+        assert offset == pytest.approx(float(expected[0]), rel=1e-12) and offset > 0
+        assert result[COST_FEEDBACK]["cost"] == pytest.approx(offset)
         learner = algo.learner_group._learner
-        assert learner.last_estep["default_policy"]["thresholds"] == [pytest.approx(base * scale)]
+        assert learner.last_estep["default_policy"]["thresholds"] == [
+            pytest.approx(qc_threshold(5.0, config.gamma, 200) - qc_threshold(1.0, config.gamma, 200) * offset,
+                          rel=1e-9)]
         path = algo.save_to_path(str(tmp_path / "ckpt"))
     finally:
         algo.stop()
     restored = CVPO.from_checkpoint(path)
     try:
-        assert math.exp(restored._log_threshold_scale[0]) == pytest.approx(scale, rel=1e-12)
+        assert float(restored._cost_offset[0]) == offset
         restored.train()
-        assert restored._log_threshold_scale[0] != pytest.approx(math.log(scale), rel=1e-12)  # it keeps adapting
+        assert float(restored._cost_offset[0]) != offset  # it keeps adapting
     finally:
         restored.stop()
 

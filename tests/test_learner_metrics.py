@@ -8,7 +8,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import ALL_MODULES, NUM_ENV_STEPS_TRAINED, NUM_ENV_STEPS_TRAINED_LIFETIME
 
-from rllib_cvpo.cvpo.replay import COSTS
+from rllib_cvpo.cvpo.replay import BOOTSTRAP_DISCOUNT, COSTS
 
 B = 32
 
@@ -44,7 +44,7 @@ def _batch(rows: int, seed: int = 0) -> MultiAgentBatch:
         "rewards": rng.normal(size=rows).astype(np.float32),
         COSTS: rng.uniform(0, 1, (rows, 1)).astype(np.float32),
         "new_obs": rng.normal(size=(rows, 5)).astype(np.float32),
-        "terminateds": (rng.uniform(size=rows) < 0.1).astype(np.float32),
+        BOOTSTRAP_DISCOUNT: np.where(rng.uniform(size=rows) < 0.1, 0.0, 0.99).astype(np.float32),
     }
     return MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=rows)
 

@@ -31,7 +31,7 @@ from ray.util.debug import log_once
 
 from rllib_cvpo.cvpo.callbacks import CostMetricsCallback
 from rllib_cvpo.cvpo.estep import qc_threshold
-from rllib_cvpo.cvpo.feedback import THRESHOLD_SCALE, update_log_scale
+from rllib_cvpo.cvpo.feedback import THRESHOLD_OFFSET, update_offset
 from rllib_cvpo.cvpo.replay import CostReplayBuffer
 
 # CVPO exists on RLlib's new API stack only, so RLlib's one-time "you are running on the new API stack" notice says
@@ -39,7 +39,7 @@ from rllib_cvpo.cvpo.replay import CostReplayBuffer
 log_once("CVPO_on_new_api_stack")
 
 REPLAY_STATE = "cvpo_replay_buffer"
-COST_FEEDBACK = "cost_threshold_scale"  # kappa per cost key: in results, and log kappa in checkpoints
+COST_FEEDBACK = "cost_feedback_offset"  # the feedback's offset on each cost limit: in results and checkpoints
 SUMMARY = "cvpo"  # the per-iteration summary that reports, checkpoint ranking and the command line read
 SCORE = "cvpo_score"  # = result[SUMMARY]["score"]: feasible first, then return (the checkpoint ranking)
 INFEASIBLE_SCORE_OFFSET = -1e9
@@ -65,6 +65,7 @@ class CVPOConfig(AlgorithmConfig):
         self.cost_limit_start: Optional[Union[float, Dict[str, float]]] = None
         self.cost_limit_anneal_steps: int = 0
         self.cost_feedback_gain = 0.0
+        self.cost_feedback_margin = 0.1
         self.episode_len: Optional[int] = None
         # E-step.
         self.estep_kl = 0.02
@@ -91,6 +92,10 @@ class CVPOConfig(AlgorithmConfig):
         self.tau = 0.05
         self.twin_q = True
         self.twin_qc = False
+        self.qc_ensemble = 1
+        self.qc_pessimism = 0.0
+        self.qc_nonnegative = False
+        self.n_step = 1
         self.replay_capacity = 200_000
         self.num_steps_sampled_before_learning_starts = 2_000
         self.updates_per_env_step = 0.2
@@ -118,6 +123,7 @@ class CVPOConfig(AlgorithmConfig):
         cost_limit_start=NotProvided,
         cost_limit_anneal_steps=NotProvided,
         cost_feedback_gain=NotProvided,
+        cost_feedback_margin=NotProvided,
         episode_len=NotProvided,
         estep_kl=NotProvided,
         num_action_samples=NotProvided,
@@ -141,6 +147,10 @@ class CVPOConfig(AlgorithmConfig):
         tau=NotProvided,
         twin_q=NotProvided,
         twin_qc=NotProvided,
+        qc_ensemble=NotProvided,
+        qc_pessimism=NotProvided,
+        qc_nonnegative=NotProvided,
+        n_step=NotProvided,
         replay_capacity=NotProvided,
         num_steps_sampled_before_learning_starts=NotProvided,
         updates_per_env_step=NotProvided,
@@ -156,9 +166,12 @@ class CVPOConfig(AlgorithmConfig):
             cost_limit_start: an optional looser limit to anneal from: d(t) = d + (d_start - d) exp(-5 t / t_anneal)
                 over ``cost_limit_anneal_steps`` env steps, then d ([ORIG] ``use_cost_decay``; off by default).
             cost_limit_anneal_steps: t_anneal, env steps of the annealing (default 0: no annealing).
-            cost_feedback_gain: the gain of the cost feedback that scales each E-step threshold by kappa in
-                [0.05, 2], adapted from the cost the exploring policy incurs (``rllib_cvpo.cvpo.feedback``), per
-                episode's worth of env steps (default 0: off [ours]).
+            cost_feedback_gain: the gain of the cost feedback, a correction of each E-step threshold from the cost
+                the exploring policy incurs that only ever tightens it: integral control of an offset o >= 0 on the
+                limit (the E-step uses d - o), per episode's worth of env steps (``rllib_cvpo.cvpo.feedback``;
+                default 0: off [ours]).
+            cost_feedback_margin: m, the feedback drives the measured cost to (1 - m) d, below the limit
+                (default 0.1 [ours]).
             episode_len: T, the episode length used to turn d into the per-step Q_c threshold
                 eps_c = d (1 - gamma^T) / ((1 - gamma) T); default None: the env's time limit.
             estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.02, [FSRL]).
@@ -184,6 +197,12 @@ class CVPOConfig(AlgorithmConfig):
             twin_q: two reward critics, using their minimum (default True, [ORIG]).
             twin_qc: two cost critics per constraint, using their maximum: a pessimistic cost estimate against the
                 off-policy underestimation of cost (default False [ours]).
+            qc_ensemble: E_c, cost critic heads per constraint, each trained on its own TD target (default 1;
+                CAL uses 4 on Safety-Gym tasks).
+            qc_pessimism: k, the E-step's Q_c is mean + k std over the E_c heads (default 0; CAL 0.5).
+            qc_nonnegative: clamp the cost critics' bootstrap value at 0 (costs are >= 0, so Q_c is; default False).
+            n_step: n, the critics' TD targets sum n real rewards and costs before bootstrapping, cut at episode
+                ends (default 1; [FSRL] 3 on safety-gymnasium).
             replay_capacity: transitions kept (default 200_000, [FSRL]).
             num_steps_sampled_before_learning_starts: env steps sampled with uniformly random actions before the
                 first update (default 2000; [ORIG] 4000 on its tasks, [FSRL] 0).
@@ -265,7 +284,9 @@ class CVPOConfig(AlgorithmConfig):
     @override(AlgorithmConfig)
     def _model_config_auto_includes(self) -> Dict[str, Any]:
         return super()._model_config_auto_includes | {"twin_q": self.twin_q, "twin_qc": self.twin_qc,
-                                                       "num_cost_critics": len(self.cost_keys)}
+                                                       "num_cost_critics": len(self.cost_keys),
+                                                       "qc_ensemble": self.qc_ensemble,
+                                                       "qc_pessimism": self.qc_pessimism}
 
     @override(AlgorithmConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -320,6 +341,20 @@ class CVPOConfig(AlgorithmConfig):
                     errors.append(f"cost_limit_start for {key!r} must be a number >= its cost_limit, got {v!r}")
         number("cost_limit_anneal_steps", 0)
         number("cost_feedback_gain", 0)
+        number("cost_feedback_margin", 0, 1)
+        for name, lo in (("qc_ensemble", 1), ("n_step", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                errors.append(f"{name} must be an integer >= {lo}, got {v!r}")
+        number("qc_pessimism", 0)
+        if self.twin_qc and self.qc_ensemble != 1:
+            errors.append(f"twin_qc and qc_ensemble={self.qc_ensemble!r} both set the cost heads: use one")
+        if self.qc_pessimism and self.qc_ensemble < 2:
+            errors.append(f"qc_pessimism={self.qc_pessimism!r} needs qc_ensemble >= 2 (the std of one head is "
+                          "undefined)")
+        if not self.normalize_actions:
+            errors.append("normalize_actions must be True: CVPO's policy acts in [-1, 1] and RLlib maps that to the "
+                          "action box")
         if self.episode_len is not None and (not isinstance(self.episode_len, int) or self.episode_len < 1):
             errors.append(f"episode_len must be a positive integer or None, got {self.episode_len!r}")
         number("gamma", 0.0, 1.0)
@@ -377,7 +412,7 @@ class CVPO(Algorithm):
         super().setup(config)
         self.replay = CostReplayBuffer(config.replay_capacity, config.cost_keys, seed=config.seed)
         self._update_credit = 0.0
-        self._log_threshold_scale = np.zeros(len(config.cost_keys))  # log kappa of the cost feedback
+        self._cost_offset = np.zeros(len(config.cost_keys))  # the cost feedback's offsets o (episodic cost units)
 
     @override(Algorithm)
     def training_step(self) -> None:
@@ -395,16 +430,17 @@ class CVPO(Algorithm):
             )
         self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
-            sampled = self.replay.add(episodes)
+            # Random warm-up actions come in the env's units, the policy's in [-1, 1]: store all in the policy's.
+            sampled = self.replay.add(episodes, action_space=self._action_space() if warmup else None)
         lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
         if lifetime < cfg.num_steps_sampled_before_learning_starts:
             return
         if cfg.cost_feedback_gain > 0:  # not during warm-up: those steps come from uniformly random actions
             limits = list(cfg.cost_limits_at(lifetime).values())
-            self._log_threshold_scale = update_log_scale(self._log_threshold_scale, self.replay.last_added_costs,
-                                                         sampled, limits, cfg.horizon, cfg.cost_feedback_gain)
-            for key, scale in zip(cfg.cost_keys, np.exp(self._log_threshold_scale)):
-                self.metrics.log_value((COST_FEEDBACK, key), float(scale), window=1)
+            self._cost_offset = update_offset(self._cost_offset, self.replay.last_added_costs, sampled, limits,
+                                              cfg.horizon, cfg.cost_feedback_gain, cfg.cost_feedback_margin)
+            for key, offset in zip(cfg.cost_keys, self._cost_offset):
+                self.metrics.log_value((COST_FEEDBACK, key), float(offset), window=1)
         self._update_credit += sampled * cfg.updates_per_env_step
         num_updates = int(self._update_credit)
         if num_updates == 0:
@@ -413,9 +449,9 @@ class CVPO(Algorithm):
         per_learner = cfg.train_batch_size_per_learner
         timesteps = {NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime}
         if cfg.cost_feedback_gain > 0:
-            timesteps[THRESHOLD_SCALE] = np.exp(self._log_threshold_scale).tolist()
+            timesteps[THRESHOLD_OFFSET] = self._cost_offset.tolist()
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER)):
-            columns = self.replay.sample(num_updates * cfg.total_train_batch_size)
+            columns = self.replay.sample(num_updates * cfg.total_train_batch_size, n_step=cfg.n_step, gamma=cfg.gamma)
         # Several learners: the learner group shards the batch; each learner then runs `num_updates` minibatches.
         batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns["obs"]))
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
@@ -429,6 +465,10 @@ class CVPO(Algorithm):
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+
+    def _action_space(self):
+        spaces = getattr(self, "spaces", None) or {}
+        return (spaces.get(DEFAULT_MODULE_ID) or spaces.get("__env__") or (None, None))[1]
 
     @override(Algorithm)
     def step(self) -> Dict[str, Any]:
@@ -515,7 +555,7 @@ class CVPO(Algorithm):
         if self.config.store_buffer_in_checkpoints and self._check_component(REPLAY_STATE, components, not_components):
             state[REPLAY_STATE] = {"buffer": self.replay.get_state(), "credit": self._update_credit}
         if self._check_component(COST_FEEDBACK, components, not_components):
-            state[COST_FEEDBACK] = {"log_scale": self._log_threshold_scale.copy()}
+            state[COST_FEEDBACK] = {"offset": self._cost_offset.copy()}
         return state
 
     @override(Algorithm)
@@ -525,4 +565,4 @@ class CVPO(Algorithm):
             self.replay.set_state(state[REPLAY_STATE]["buffer"])
             self._update_credit = float(state[REPLAY_STATE]["credit"])
         if COST_FEEDBACK in state:
-            self._log_threshold_scale = np.array(state[COST_FEEDBACK]["log_scale"], np.float64)
+            self._cost_offset = np.array(state[COST_FEEDBACK]["offset"], np.float64)

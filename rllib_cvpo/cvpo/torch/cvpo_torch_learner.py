@@ -17,9 +17,10 @@ from ray.rllib.policy.sample_batch import MultiAgentBatch
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from rllib_cvpo.cvpo import estep
-from rllib_cvpo.cvpo.feedback import THRESHOLD_SCALE
+from rllib_cvpo.cvpo.estep import qc_threshold
+from rllib_cvpo.cvpo.feedback import THRESHOLD_OFFSET
 from rllib_cvpo.cvpo.mstep import kl_mean_and_std, weighted_mle_loss
-from rllib_cvpo.cvpo.replay import COSTS
+from rllib_cvpo.cvpo.replay import BOOTSTRAP_DISCOUNT, COSTS
 
 CVPO_STATE = "cvpo_state"
 
@@ -80,7 +81,7 @@ class CVPOTorchLearner(TorchLearner):
         self._env_steps = 0
         self.last_estep: Dict[str, Dict[str, Any]] = {}
         self._threshold_cache: Dict[str, Tuple[Any, list]] = {}
-        self._threshold_scale: Optional[list] = None
+        self._threshold_offset: Optional[list] = None
 
     @override(TorchLearner)
     def _make_modules_ddp_if_necessary(self) -> None:
@@ -104,7 +105,7 @@ class CVPOTorchLearner(TorchLearner):
     def before_gradient_based_update(self, *, timesteps: Dict[str, Any]) -> None:
         super().before_gradient_based_update(timesteps=timesteps)
         self._env_steps = int(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, self._env_steps) or 0)
-        self._threshold_scale = timesteps.get(THRESHOLD_SCALE)  # the cost feedback's kappa (None: 1)
+        self._threshold_offset = timesteps.get(THRESHOLD_OFFSET)  # the cost feedback's offsets (None: 0)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     def _clock(self) -> float:
@@ -126,10 +127,12 @@ class CVPOTorchLearner(TorchLearner):
         key = self._env_steps if annealing else "final"
         cached = self._threshold_cache.get(mid)
         if cached is None or cached[0] != key:
-            cached = self._threshold_cache[mid] = (key, cfg.qc_thresholds(self._env_steps))
-        if self._threshold_scale is None:
+            # The offset o of the cost feedback moves eps_c by the factor that turns a limit d into eps_c (linear).
+            factor = qc_threshold(1.0, cfg.gamma, cfg.horizon)
+            cached = self._threshold_cache[mid] = (key, cfg.qc_thresholds(self._env_steps), factor)
+        if self._threshold_offset is None:
             return cached[1]
-        return [t * k for t, k in zip(cached[1], self._threshold_scale)]
+        return [t - cached[2] * o for t, o in zip(cached[1], self._threshold_offset)]
 
     def _allreduce_numpy(self, x: np.ndarray) -> np.ndarray:
         """The E-step dual's per-state sums (a small float64 vector), summed over learners. The all-reduce runs on
@@ -177,22 +180,27 @@ class CVPOTorchLearner(TorchLearner):
         state = self._cvpo[mid]
         obs, actions = b[Columns.OBS], b[Columns.ACTIONS]
         rewards, costs = b[Columns.REWARDS].float(), b[COSTS].float().reshape(obs.shape[0], -1)
-        next_obs, not_done = b[Columns.NEXT_OBS], 1.0 - b[Columns.TERMINATEDS].float()
+        next_obs, discount = b[Columns.NEXT_OBS], b[BOOTSTRAP_DISCOUNT].float()
         batch_size, m, n = obs.shape[0], costs.shape[1], cfg.num_action_samples
         clock = self._clock
         t0 = clock()
 
-        # Critics: one TD step. Bootstrap unless the episode terminated (a truncation still bootstraps), for the
-        # reward and the cost alike; the next action is drawn from the current policy.
+        # Critics: one TD step on n-step targets (the replay's discounted sums of rewards and costs, and gamma^k, or
+        # 0 where the episode terminated; a truncation still bootstraps), the next action drawn from the current
+        # policy. Twin cost heads share the maximum's target; ensemble heads bootstrap from their own target heads
+        # (CAL). With qc_nonnegative the cost bootstrap is clamped at 0: costs are >= 0, so Q_c is.
         with torch.no_grad():
             mean_n, std_n = module.policy(next_obs)
             a_next = torch.tanh(mean_n + std_n * torch.randn_like(mean_n))
-            tqr, tqc = module.q_values(next_obs, a_next, target=True)
-            y_r = rewards + cfg.gamma * not_done * tqr.min(0).values
-            y_c = costs.t() + cfg.gamma * not_done * tqc
-        qr, qc = module.q_values(obs, actions, combine=False)  # every head is trained on the same target
+            tqr, tqc = module.q_values(next_obs, a_next, target=True, combine=module.twin_qc)
+            if cfg.qc_nonnegative:
+                tqc = tqc.clamp_min(0.0)
+            y_r = rewards + discount * tqr.min(0).values
+            y_c = costs.t().repeat(module.qc_copies, 1) if not module.twin_qc else costs.t()
+            y_c = y_c + discount * tqc
+        qr, qc = module.q_values(obs, actions, combine=False)
         loss_qr = ((qr - y_r) ** 2).mean(1).sum()
-        loss_qc = ((qc - y_c.repeat(qc.shape[0] // m, 1)) ** 2).mean(1).sum()
+        loss_qc = ((qc - y_c.repeat(qc.shape[0] // y_c.shape[0], 1)) ** 2).mean(1).sum()
         self._step(mid, "critic", loss_qr + loss_qc)
         t1 = clock()
 

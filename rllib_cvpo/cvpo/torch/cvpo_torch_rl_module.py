@@ -124,8 +124,10 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
     ``target_critics`` and the Polyak-averaged old policy ``pi_old`` that the E-step samples from.
 
     model_config keys: ``fcnet_hiddens`` (default [256, 256]), ``fcnet_activation`` ("relu"), ``twin_q`` (True),
-    ``num_cost_critics`` (1), ``twin_qc`` (False: with True, two cost critics per constraint and their maximum, the
-    pessimistic mirror of the twin reward critics' minimum).
+    ``num_cost_critics`` (m, 1), ``qc_ensemble`` (E_c, 1: cost heads per constraint), ``qc_pessimism`` (k, 0: the
+    combined Q_c is mean + k std over the E_c heads, CAL's upper confidence bound) and ``twin_qc`` (False: with
+    True, two heads per constraint and their maximum, the pessimistic mirror of the twin reward critics' minimum).
+    The cost heads are laid out copy-major: head ``e * m + i`` is copy e of constraint i.
     """
 
     framework: str = "torch"
@@ -142,7 +144,9 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         self.num_reward_critics = 2 if cfg.get("twin_q", True) else 1
         self.num_cost_critics = int(cfg.get("num_cost_critics", 1))
         self.twin_qc = bool(cfg.get("twin_qc", False))
-        self.num_cost_heads = self.num_cost_critics * (2 if self.twin_qc else 1)
+        self.qc_copies = 2 if self.twin_qc else int(cfg.get("qc_ensemble", 1))
+        self.qc_pessimism = float(cfg.get("qc_pessimism", 0.0))
+        self.num_cost_heads = self.num_cost_critics * self.qc_copies
         self.pi = mlp([self.obs_dim, *hiddens, 2 * self.act_dim], activation)
         if not self.inference_only:
             self.critics = CriticEnsemble(
@@ -154,15 +158,25 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         mean, log_std = (net or self.pi)(obs.reshape(obs.shape[0], -1)).chunk(2, dim=-1)
         return mean, log_std.clamp(MIN_LOG_NN_OUTPUT, MAX_LOG_NN_OUTPUT).exp()
 
+    def combine_cost_heads(self, qc: torch.Tensor) -> torch.Tensor:
+        """[E_c * m, M] cost heads -> [m, M]: the maximum of twin heads, or mean + k std over an ensemble."""
+        if self.qc_copies == 1:
+            return qc
+        heads = qc.view(self.qc_copies, self.num_cost_critics, -1)
+        if self.twin_qc:
+            return heads.max(0).values
+        if self.qc_pessimism == 0.0:
+            return heads.mean(0)
+        std, mean = torch.std_mean(heads, dim=0)
+        return mean + self.qc_pessimism * std
+
     def _split(self, q: torch.Tensor, combine: bool):
         qr, qc = q[: self.num_reward_critics], q[self.num_reward_critics :]
-        if combine and self.twin_qc:
-            qc = qc.view(2, self.num_cost_critics, -1).max(0).values
-        return qr, qc
+        return qr, (self.combine_cost_heads(qc) if combine else qc)
 
     def q_values(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False, combine: bool = True):
-        """(Q_r [n_r, M], Q_c [m, M]) for squashed actions in [-1, 1]; with twin cost critics Q_c is the maximum of
-        each pair (``combine=False``: all 2m cost heads, as trained)."""
+        """(Q_r [n_r, M], Q_c [m, M]) for squashed actions in [-1, 1]; Q_c combines each constraint's heads (see
+        :meth:`combine_cost_heads`; ``combine=False``: all E_c * m cost heads, as trained)."""
         obs = obs.reshape(obs.shape[0], -1)
         if target:  # never differentiated: the no-grad path
             q = self.target_critics.forward_sampled(obs, actions.unsqueeze(0))
