@@ -23,6 +23,10 @@ import torch
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
+class NonFiniteError(FloatingPointError):
+    """NaN or infinity where the E-step needs numbers (critic outputs, thresholds, warm starts)."""
+
+
 def qc_threshold(cost_limit: float, gamma: float, horizon: int) -> float:
     """The per-step Q_c threshold eps_c for an episodic (undiscounted) cost limit d over T steps.
 
@@ -127,6 +131,17 @@ class DualProblem:
         self.eps_c = np.asarray(self.thresholds, np.float64).reshape(-1)
         if self.eps_c.shape != (self.m,):
             raise ValueError(f"{self.m} cost critics but {self.eps_c.size} thresholds")
+        for name, values in (("Q_r", qr), ("Q_c", qc), ("cost threshold eps_c", self.eps_c)):
+            if not np.all(np.isfinite(values)):
+                bad = values[~np.isfinite(values)].reshape(-1)[0]
+                raise NonFiniteError(f"E-step input {name} holds {bad} ({np.size(values) - np.isfinite(values).sum()} "
+                                     f"of {np.size(values)} values non-finite)")
+        if not (np.isfinite(self.eps_kl) and self.eps_kl > 0):
+            raise NonFiniteError(f"E-step KL bound must be a finite number > 0, got {self.eps_kl!r}")
+        # The dual is positively homogeneous in the data: scaling Q_r, Q_c and eps_c by s scales g and eta* by s.
+        # The solver's tolerances are taken relative to this scale, so its accuracy does not depend on the units.
+        self.scale = float(max(np.abs(qr).max(initial=0.0), np.abs(qc).max(initial=0.0),
+                               np.abs(self.eps_c).max(initial=0.0), np.finfo(np.float64).tiny))
         if self.m == 1:
             self._one = (np.ascontiguousarray(qr.T), np.ascontiguousarray(qc[..., 0].T))  # [N, B] each
             self.qr, self.qc = self._one[0].T, self._one[1].T[..., None]
@@ -208,11 +223,19 @@ def solve_dual_newton(
 
     Variables sitting at a bound with the gradient pushing outwards are held fixed (projected Newton); the Newton
     step on the rest is damped by an Armijo backtracking line search along the projected path. Stops when the
-    Newton decrement (about twice the remaining gap in g) falls below ``tol * (1 + |g|)``. Every learner runs the same iterations on the same reduced sums.
+    Newton decrement (about twice the remaining gap in g) falls below ``tol * (|g| + S)``, S the scale of the data
+    (the largest |Q| or |eps_c|): g and eta* scale with the data, so the stopping rule is relative for Q of any
+    magnitude. Every learner runs the same iterations on the same reduced sums. A non-finite warm start raises
+    :class:`NonFiniteError`.
     """
+    start = np.array([eta0, *np.asarray(lam0, np.float64).reshape(-1)], np.float64)
+    if not np.all(np.isfinite(start)):
+        raise NonFiniteError(f"E-step warm start (eta, lambda) = {start.tolist()} is not finite")
     lo = np.array([eta_min] + [0.0] * problem.m)
     hi = np.array([eta_max] + [lam_max] * problem.m)
-    theta = np.clip(np.array([eta0, *np.asarray(lam0, np.float64).reshape(-1)], np.float64), lo, hi)
+    theta = np.clip(start, lo, hi)
+    scale = problem.scale
+    curvature_unit = np.array([1.0 / scale] + [scale] * problem.m)
     current = problem.evaluate(theta)
     value, grad, hess, _ = current
     iters = 0
@@ -226,20 +249,22 @@ def solve_dual_newton(
             hf, gf = hess, grad
         else:
             hf, gf = hess[free][:, free], grad[free]
-        ridge = 1e-12 * (1.0 + np.abs(np.diag(hf)).max())
+        # A ridge per variable, relative to its own curvature: eta's curvature is of order 1 / S, lambda's of order
+        # S (S the data's scale), and either may vanish (at a tiny eta every state's weight sits on one sample).
+        ridge = 1e-12 * np.maximum(np.abs(np.diag(hf)), curvature_unit[free])
         if hf.shape[0] == 1:
-            step[free] = -gf / (hf[0, 0] + ridge)
+            step[free] = -gf / (hf[0, 0] + ridge[0])
         elif hf.shape[0] == 2:  # closed form: np.linalg.solve's overhead exceeds the arithmetic here
-            a, bb, d = hf[0, 0] + ridge, hf[0, 1], hf[1, 1] + ridge
+            a, bb, d = hf[0, 0] + ridge[0], hf[0, 1], hf[1, 1] + ridge[1]
             det = a * d - bb * bb
             step[free] = -np.array([d * gf[0] - bb * gf[1], a * gf[1] - bb * gf[0]]) / det
         else:
-            step[free] = -np.linalg.solve(hf + np.eye(hf.shape[0]) * ridge, gf)
+            step[free] = -np.linalg.solve(hf + np.diag(ridge), gf)
         decrement = float(-(grad[free] @ step[free]))
-        if decrement <= tol * (1.0 + abs(value)):
+        if decrement <= tol * (scale + abs(value)):
             break
         full = theta + step
-        if decrement <= model_tol * (1.0 + abs(value)) and np.all((full >= lo) & (full <= hi)):
+        if decrement <= model_tol * (scale + abs(value)) and np.all((full >= lo) & (full <= hi)):
             # Close to the optimum Newton's error squares at each step, so the remaining gap after this step is
             # about decrement^2 (< 1e-18 relative at the default model_tol): take it without evaluating g again, and
             # report the quadratic model's value and gradient there. benchmarks/estep_solvers.py measures the gap.
@@ -248,6 +273,9 @@ def solve_dual_newton(
             current = (value, grad, hess, current[3])
             break
         pg = float(np.abs(grad[free]).max())
+        # The floor of the backtracking is relative, per variable (eta and lambda have unrelated scales): a step far
+        # outside the box (a near-flat direction) may need many halvings before it moves theta by a sensible amount.
+        step_size, theta_size = np.abs(step), 1e-15 * np.abs(theta)
         t = 1.0
         while True:
             cand = np.clip(theta + t * step, lo, hi)
@@ -256,17 +284,17 @@ def solve_dual_newton(
             if cand_value <= value + 1e-4 * float(grad @ (cand - theta)):
                 break
             # Near the optimum the decrease falls below float64 noise in g: accept a step that shrinks the gradient.
-            if abs(cand_value - value) <= 1e-13 * (1.0 + abs(value)) and float(np.abs(cand_grad[free]).max()) < pg:
+            if abs(cand_value - value) <= 1e-13 * (scale + abs(value)) and float(np.abs(cand_grad[free]).max()) < pg:
                 break
             t *= 0.5
-            if t < 1e-12:
+            if np.all(t * step_size <= theta_size):
                 break
-        if t < 1e-12:  # no progress possible at float64 precision: we are at the optimum
+        if np.all(t * step_size <= theta_size):  # no progress possible at float64 precision: at the optimum
             break
-        moved = float(np.abs(cand - theta).max())
+        moved = np.abs(cand - theta)
         theta, current = cand, evaluated
         value, grad, hess, _ = current
-        if moved <= 1e-15 * (1.0 + float(np.abs(theta).max())):
+        if np.all(moved <= 1e-15 * np.abs(theta)):
             break
     return _solution(problem, theta, iters, (eta_min, eta_max, lam_max), current)
 

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 import numpy as np
 from ray.rllib.core.columns import Columns
 
+from rllib_cvpo.cvpo.estep import NonFiniteError
 from rllib_cvpo.envs.wrappers import MissingCostError
 
 COSTS = "costs"
@@ -88,6 +89,15 @@ class CostReplayBuffer:
                 Columns.NEXT_OBS: obs[1:],
                 Columns.TERMINATEDS: terminated,
             }
+            for name, values in ((Columns.REWARDS, columns[Columns.REWARDS]), (COSTS, costs),
+                                 (Columns.OBS, obs), (Columns.ACTIONS, actions)):
+                finite = np.isfinite(values).reshape(n + (name == Columns.OBS), -1).all(1)
+                if not finite.all():
+                    step = int(np.argmin(finite))
+                    raise NonFiniteError(
+                        f"the env returned a non-finite {name[:-1] if name != COSTS else 'cost'} at step "
+                        f"{ep.t_started + step} of episode {ep.id_}: {values.reshape(len(finite), -1)[step].tolist()}"
+                        " (NaN or infinity cannot be learned from; check the env or its wrappers)")
             if not self._data:
                 self._allocate(columns)
             idx = (self._next + np.arange(n)) % self.capacity

@@ -73,6 +73,9 @@ class RequireCost(gym.Wrapper, gym.utils.RecordConstructorArgs):
                 "Wrap it to add info['cost'], or use a safety-gymnasium task."
             )
         info["cost"] = float(cost)
+        if not np.isfinite(info["cost"]):
+            env_id = self.env.spec.id if self.env.spec is not None else type(self.env.unwrapped).__name__
+            raise ValueError(f"env {env_id!r} reported cost {info['cost']} at a step (costs must be finite numbers)")
         return obs, reward, terminated, truncated, info
 
 

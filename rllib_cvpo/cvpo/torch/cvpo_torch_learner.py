@@ -213,7 +213,11 @@ class CVPOTorchLearner(TorchLearner):
             qc_s = eqc.reshape(m, n, batch_size).permute(2, 1, 0)
             thresholds = self._thresholds(mid, cfg)
             t_dual = time.perf_counter()
-            problem = estep.DualProblem(qr_s, qc_s, cfg.estep_kl, thresholds, reduce=self._allreduce_numpy)
+            try:
+                problem = estep.DualProblem(qr_s, qc_s, cfg.estep_kl, thresholds, reduce=self._allreduce_numpy)
+            except estep.NonFiniteError as err:  # the critics diverged: stop before the policy is touched
+                raise estep.NonFiniteError(f"{err}, at CVPO update {state['num_updates'] + 1} after "
+                                           f"{self._env_steps} env steps: the critics diverged") from None
             bounds = dict(eta_min=cfg.eta_min, eta_max=cfg.eta_max, lam_max=cfg.lambda_max)
             if cfg.estep_solver == "cvxpy" and self._world == 1:
                 sol = estep.solve_dual_cvxpy(problem, **bounds)
