@@ -98,3 +98,21 @@ def test_target_critics_no_grad_path_equals_the_autograd_path():
         torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(again, critics(obs * 2, actions).detach(), rtol=1e-5, atol=1e-6)
         assert not first.requires_grad
+
+
+def test_pi_old_is_a_copy_of_pi_after_each_round_with_round_sync_and_lags_with_polyak(ray_local):
+    for sync in ("round", "polyak"):
+        group = _learner_group(pi_old_sync=sync)
+        learner = group._learner
+        try:
+            group.update(batch=_batch(3 * B), minibatch_size=B, num_epochs=1, shuffle_batch_per_epoch=False,
+                         timesteps={"num_env_steps_sampled_lifetime": 1000})
+            module = learner.module[DEFAULT_MODULE_ID]
+            same = [torch.equal(a, b) for a, b in zip(module.pi.parameters(), module.pi_old.parameters())]
+            state = learner._cvpo[DEFAULT_MODULE_ID]
+            if sync == "round":
+                assert all(same) and state["alpha_mu"] == 0.0 and state["alpha_sigma"] == 0.0
+            else:
+                assert not any(same)
+        finally:
+            group.shutdown()

@@ -87,6 +87,7 @@ class CVPOConfig(AlgorithmConfig):
         self.actor_lr = 5e-4
         self.actor_grad_clip: Optional[float] = None
         self.tau_policy = 0.005
+        self.pi_old_sync = "polyak"
         # Critics and replay.
         self.critic_lr = 1e-3
         self.tau = 0.05
@@ -143,6 +144,7 @@ class CVPOConfig(AlgorithmConfig):
         actor_lr=NotProvided,
         actor_grad_clip=NotProvided,
         tau_policy=NotProvided,
+        pi_old_sync=NotProvided,
         critic_lr=NotProvided,
         tau=NotProvided,
         twin_q=NotProvided,
@@ -192,6 +194,9 @@ class CVPOConfig(AlgorithmConfig):
             actor_grad_clip: policy gradient-norm clip (default None, [FSRL]; [ORIG] 0.01).
             tau_policy: Polyak rate of pi_old, the policy the E-step samples from and the M-step trust region is
                 centred on (default 0.005 [ORIG] rho = 0.995).
+            pi_old_sync: "polyak" (pi_old follows pi by tau_policy after every update, [ORIG]) or "round" (pi_old
+                is a copy of pi made after each sampling round's updates, and the M-step's KL multipliers restart
+                at 0 then, [FSRL]); default "polyak".
             critic_lr: critics' Adam learning rate (default 1e-3, [FSRL] and [ORIG]).
             tau: Polyak rate of the target critics (default 0.05, [FSRL]).
             twin_q: two reward critics, using their minimum (default True, [ORIG]).
@@ -347,6 +352,8 @@ class CVPOConfig(AlgorithmConfig):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 errors.append(f"{name} must be an integer >= {lo}, got {v!r}")
         number("qc_pessimism", 0)
+        if self.pi_old_sync not in ("polyak", "round"):
+            errors.append(f"pi_old_sync must be 'polyak' or 'round', got {self.pi_old_sync!r}")
         if self.twin_qc and self.qc_ensemble != 1:
             errors.append(f"twin_qc and qc_ensemble={self.qc_ensemble!r} both set the cost heads: use one")
         if self.qc_pessimism and self.qc_ensemble < 2:

@@ -107,6 +107,20 @@ class CVPOTorchLearner(TorchLearner):
         self._env_steps = int(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, self._env_steps) or 0)
         self._threshold_offset = timesteps.get(THRESHOLD_OFFSET)  # the cost feedback's offsets (None: 0)
 
+    @override(TorchLearner)
+    def after_gradient_based_update(self, *, timesteps: Dict[str, Any]) -> None:
+        """With ``pi_old_sync="round"`` (FSRL's scheme): after the round's updates pi_old becomes a copy of pi and
+        the M-step's KL multipliers restart at 0, so each round is one step of approximate policy iteration."""
+        super().after_gradient_based_update(timesteps=timesteps)
+        for mid in self.module.keys():
+            cfg = self.config.get_config_for_module(mid)
+            if cfg.pi_old_sync != "round":
+                continue
+            module = self.module[mid].unwrapped()
+            with torch.no_grad():
+                torch._foreach_copy_(list(module.pi_old.parameters()), list(module.pi.parameters()))
+            self._cvpo[mid]["alpha_mu"] = self._cvpo[mid]["alpha_sigma"] = 0.0
+
     # -- helpers ---------------------------------------------------------------------------------------------------
     def _clock(self) -> float:
         """Wall time for the phase timers; on a GPU after the queued kernels finished, so phases are not misattributed."""
@@ -246,8 +260,10 @@ class CVPOTorchLearner(TorchLearner):
         t3 = clock()
 
         with torch.no_grad():  # Polyak averaging, each pair in one foreach op (target <- target + tau (main - target))
-            for main, target, tau in ((module.critics, module.target_critics, cfg.tau),
-                                      (module.pi, module.pi_old, cfg.tau_policy)):
+            pairs = [(module.critics, module.target_critics, cfg.tau)]
+            if cfg.pi_old_sync == "polyak":  # else pi_old is copied once per sampling round (after_gradient_...)
+                pairs.append((module.pi, module.pi_old, cfg.tau_policy))
+            for main, target, tau in pairs:
                 torch._foreach_lerp_(list(target.parameters()), list(main.parameters()), tau)
         state["num_updates"] += 1
 
