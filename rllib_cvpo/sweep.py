@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pandas as pd
 
 from rllib_cvpo.runs import find_checkpoints, read_results, trial_dirs
-from rllib_cvpo.training import COMMAND_DEFAULTS, ConfigFileError, config_keys, read_yaml
+from rllib_cvpo.training import ConfigFileError, config_keys, read_yaml
 
 TOP_LEVEL = {"name", "env", "total_env_steps", "stop", "base", "search", "seeds", "num_samples", "resources",
              "checkpoint", "max_failures", "max_concurrent_trials"}
@@ -134,13 +134,13 @@ def _distribution(kind: str, values: list):
 
 
 def build_param_space(spec: SweepSpec) -> Dict[str, Any]:
-    """The trials' config: CVPO's and the command's defaults, ``base``, the resources, then the search space
+    """The trials' config: CVPO's defaults, ``base``, the resources, then the search space
     (including the seed grid) on top, as Tune search objects inside ``CVPOConfig.to_dict()``."""
     from rllib_cvpo.training import build_config
 
     res = spec["resources"]
     base = dict(spec["base"])
-    base.setdefault("num_env_runners", res.get("env_runners", COMMAND_DEFAULTS.get("num_env_runners", 1)))
+    base.setdefault("num_env_runners", res.get("env_runners", 1))
     if "cpus_per_env_runner" in res:
         base["num_cpus_per_env_runner"] = res["cpus_per_env_runner"]
     if "learners" in res:

@@ -20,24 +20,6 @@ from rllib_cvpo.runs import RUN_FILE, find_checkpoints, plot_runs, read_results,
 DEFAULT_ENV = "SafetyPointCircle1-v0"
 DEFAULT_TOTAL_ENV_STEPS = 100_000
 
-# The command's defaults on top of CVPOConfig's (which follow FSRL): chosen so that README's main command learns on
-# a 2-core CPU within 20 minutes; docs/defaults.md gives the measurements behind each.
-COMMAND_DEFAULTS: Dict[str, Any] = {
-    "estep_kl": 0.1,
-    "lambda_max": 40.0,
-    "replay_capacity": 20_000,
-    "num_envs_per_env_runner": 8,
-    "gamma": 0.99,
-    "num_steps_sampled_before_learning_starts": 5_000,
-    "updates_per_env_step": 0.25,
-    "rollout_fragment_length": 100,
-    "min_sample_timesteps_per_iteration": 5_000,
-    "evaluation_interval": 1,
-    "evaluation_duration": 2,
-    "evaluation_num_env_runners": 0,
-}
-
-
 class ConfigFileError(ValueError):
     """A YAML config file that cannot be used; the message names the file, the line and the key."""
 
@@ -95,12 +77,12 @@ def load_config_file(path: str | Path) -> Dict[str, Any]:
 
 def build_config(env: Optional[str] = None, cost_limit=None, seed: Optional[int] = None,
                  env_runners: Optional[int] = None, overrides: Optional[Mapping[str, Any]] = None):
-    """CVPOConfig from (in increasing precedence) CVPO's defaults, the command's defaults, a config file's
-    settings and the explicit options."""
+    """CVPOConfig from (in increasing precedence) CVPO's defaults, a config file's settings and the explicit
+    options. The command adds only what belongs to a run: the env (default SafetyPointCircle1-v0), seed 0 and one
+    EnvRunner."""
     from rllib_cvpo import CVPOConfig
 
-    settings: Dict[str, Any] = dict(COMMAND_DEFAULTS)
-    settings.update(overrides or {})
+    settings: Dict[str, Any] = dict(overrides or {})
     model_config = settings.pop("model_config", None)
     env = env or settings.pop("env", None) or DEFAULT_ENV
     settings.pop("env", None)

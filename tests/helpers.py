@@ -13,7 +13,7 @@ def small_config(env="SpeedLimit-v0", **training):
     return (
         CVPOConfig()
         .environment(env)
-        .env_runners(num_env_runners=0, rollout_fragment_length=50)
+        .env_runners(num_env_runners=0, rollout_fragment_length=50, num_envs_per_env_runner=1)
         .learners(num_learners=0)
         .training(**base)
         .reporting(min_sample_timesteps_per_iteration=400, min_time_s_per_iteration=0)

@@ -46,9 +46,10 @@ INFEASIBLE_SCORE_OFFSET = -1e9
 
 
 class CVPOConfig(AlgorithmConfig):
-    """Configuration of CVPO. Defaults follow FSRL's safety-gymnasium configuration (the published CVPO results on
-    these tasks), with the exact E-step dual instead of its single Adam step; :meth:`paper_preset` gives the original
-    paper's settings. ``training()`` documents every setting.
+    """Configuration of CVPO. The defaults are the configuration measured here (docs/defaults.md gives each one's
+    source and the runs behind it): the same for ``CVPOConfig()``, ``rllib-cvpo train`` and sweeps.
+    :meth:`fsrl_preset` gives FSRL's published safety-gymnasium settings and :meth:`paper_preset` the original
+    paper's. ``training()`` documents every setting.
 
     Example:
         >>> from rllib_cvpo import CVPOConfig
@@ -68,14 +69,14 @@ class CVPOConfig(AlgorithmConfig):
         self.cost_feedback_margin = 0.1
         self.episode_len: Optional[int] = None
         # E-step.
-        self.estep_kl = 0.02
+        self.estep_kl = 0.1
         self.num_action_samples = 16
         self.estep_solver = "newton"
         self.eta_init = 1.0
         self.lambda_init = 0.0
         self.eta_min = 1e-6
         self.eta_max = 1e4
-        self.lambda_max = 1e3
+        self.lambda_max = 40.0
         # M-step.
         self.kl_mean = 0.005
         self.kl_std = 0.0005
@@ -97,22 +98,24 @@ class CVPOConfig(AlgorithmConfig):
         self.qc_pessimism = 0.0
         self.qc_nonnegative = False
         self.n_step = 1
-        self.replay_capacity = 200_000
-        self.num_steps_sampled_before_learning_starts = 2_000
-        self.updates_per_env_step = 0.2
+        self.replay_capacity = 20_000
+        self.num_steps_sampled_before_learning_starts = 5_000
+        self.updates_per_env_step = 0.25
         self.store_buffer_in_checkpoints = True
         # RLlib settings with CVPO-specific defaults.
-        self.gamma = 0.995
+        self.gamma = 0.99
         self.lr = None
         self.train_batch_size_per_learner = 256
-        self.rollout_fragment_length = 50
-        self.min_sample_timesteps_per_iteration = 1_000
+        self.rollout_fragment_length = 100
+        self.num_envs_per_env_runner = 8
+        self.min_sample_timesteps_per_iteration = 5_000
         self.min_time_s_per_iteration = 0
         self.metrics_num_episodes_for_smoothing = 20
         self._model_config = {"fcnet_hiddens": [128, 128], "fcnet_activation": "relu"}
         self.callbacks_class = CostMetricsCallback
         self.evaluation_interval = 1
-        self.evaluation_duration = 2
+        self.evaluation_duration = 10
+        self.evaluation_num_env_runners = 0
         self.evaluation_duration_unit = "episodes"
         self.evaluation_config = {"explore": False}
 
@@ -176,14 +179,16 @@ class CVPOConfig(AlgorithmConfig):
                 (default 0.1 [ours]).
             episode_len: T, the episode length used to turn d into the per-step Q_c threshold
                 eps_c = d (1 - gamma^T) / ((1 - gamma) T); default None: the env's time limit.
-            estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.02, [FSRL]).
+            estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.1 [ORIG];
+                [FSRL] 0.02, which the exact dual enforces exactly and which then barely moves the policy).
             num_action_samples: N (the paper's particle size K), actions sampled per state (default 16, [FSRL]).
             estep_solver: "newton" (default: projected damped Newton in float64 with the analytic gradient and
                 Hessian, warm-started) or "cvxpy" (the exponential-cone program; slow, the reference).
             eta_init, lambda_init: initial eta and lambda (default 1 and 0, [FSRL]); warm starts after that.
             eta_min, eta_max: bounds on eta (default 1e-6 and 1e4; [ORIG] 1e-6 and 1e5).
-            lambda_max: bound on each lambda (default 1e3). lambda at this bound means the constraint looked
-                infeasible inside the KL ball; the update then minimises cost (``dual_at_bound`` is logged).
+            lambda_max: bound on each lambda (default 40 [ours]: FSRL's effective cap). lambda at this bound means
+                the constraint looked infeasible inside the KL ball; the update then minimises cost
+                (``dual_at_bound`` is logged).
             kl_mean, kl_std: eps_mu and eps_Sigma, M-step KL bounds of the mean and covariance (default 0.005 and
                 0.0005, [FSRL]).
             mstep_iterations: M, policy gradient steps per batch (default 1, [FSRL]; [ORIG] 6).
@@ -208,13 +213,15 @@ class CVPOConfig(AlgorithmConfig):
             qc_nonnegative: clamp the cost critics' bootstrap value at 0 (costs are >= 0, so Q_c is; default False).
             n_step: n, the critics' TD targets sum n real rewards and costs before bootstrapping, cut at episode
                 ends (default 1; [FSRL] 3 on safety-gymnasium).
-            replay_capacity: transitions kept (default 200_000, [FSRL]).
+            replay_capacity: transitions kept (default 20_000 [ours]: the E-step constraint averages over replay
+                states, so they should be recent ones; [FSRL] 200_000).
             num_steps_sampled_before_learning_starts: env steps sampled with uniformly random actions before the
-                first update (default 2000; [ORIG] 4000 on its tasks, [FSRL] 0).
-            updates_per_env_step: learner updates per sampled env step (default 0.2, [FSRL] update_per_step).
+                first update (default 5000 [ours]; [ORIG] 4000 on its tasks, [FSRL] 0).
+            updates_per_env_step: learner updates per sampled env step (default 0.25 [ours]; [FSRL] 0.2).
             store_buffer_in_checkpoints: keep the replay buffer in checkpoints (default True).
-            kwargs: RLlib's own settings: ``gamma`` (default 0.995 [FSRL]), ``train_batch_size_per_learner`` (B,
-                default 256 [FSRL]), ...
+            kwargs: RLlib's own settings: ``gamma`` (default 0.99 [ORIG]; [FSRL] 0.995),
+                ``train_batch_size_per_learner`` (B, default 256 [FSRL]), ...; set elsewhere: 8 envs per EnvRunner,
+                100-step fragments, 5000 env steps per iteration, 10 deterministic evaluation episodes per iteration.
         """
         super().training(**kwargs)
         for name, value in list(locals().items()):
@@ -231,6 +238,21 @@ class CVPOConfig(AlgorithmConfig):
 
             register_with_ray(env)
         return super().environment(env, **kwargs)
+
+    def fsrl_preset(self) -> "CVPOConfig":
+        """FSRL's published CVPO settings for safety-gymnasium (``fsrl/config/cvpo_cfg.py``, MujocoBaseCfg): gamma
+        0.995, B 256, N 16, eps 0.02, eps_mu 0.005, eps_Sigma 0.0005, actor lr 5e-4, critic lr 1e-3, tau 0.05, one
+        reward critic, 3-step targets, pi_old copied after each collect round, lambda up to 20, replay 200 000, 0.2
+        updates per env step, no random warm-up, 128x128 networks, 2 evaluation episodes. (FSRL solves the dual
+        with one Adam step per update; this keeps the exact dual.)"""
+        self.training(
+            gamma=0.995, train_batch_size_per_learner=256, num_action_samples=16, estep_kl=0.02, kl_mean=0.005,
+            kl_std=0.0005, actor_lr=5e-4, critic_lr=1e-3, tau=0.05, twin_q=False, n_step=3, pi_old_sync="round",
+            lambda_max=20.0, replay_capacity=200_000, updates_per_env_step=0.2,
+            num_steps_sampled_before_learning_starts=0,
+        )
+        self.evaluation(evaluation_duration=2)
+        return self.rl_module(model_config={"fcnet_hiddens": [128, 128], "fcnet_activation": "relu"})
 
     def paper_preset(self) -> "CVPOConfig":
         """The original paper's settings (Table 1 and the original code's config): gamma 0.99, B 300, N 32, M 6,
