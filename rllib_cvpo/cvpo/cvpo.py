@@ -9,7 +9,8 @@ import numpy as np
 
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.core import DEFAULT_MODULE_ID
+import ray
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
@@ -26,6 +27,7 @@ from ray.rllib.utils.metrics import (
     REPLAY_BUFFER_SAMPLE_TIMER,
     SYNCH_WORKER_WEIGHTS_TIMER,
     TIMERS,
+    WEIGHTS_SEQ_NO,
 )
 from ray.util.debug import log_once
 
@@ -102,6 +104,7 @@ class CVPOConfig(AlgorithmConfig):
         self.num_steps_sampled_before_learning_starts = 5_000
         self.updates_per_env_step = 0.25
         self.store_buffer_in_checkpoints = True
+        self.overlap_sampling = True
         # RLlib settings with CVPO-specific defaults.
         self.gamma = 0.99
         self.lr = None
@@ -160,6 +163,7 @@ class CVPOConfig(AlgorithmConfig):
         num_steps_sampled_before_learning_starts=NotProvided,
         updates_per_env_step=NotProvided,
         store_buffer_in_checkpoints=NotProvided,
+        overlap_sampling=NotProvided,
         **kwargs,
     ) -> "CVPOConfig":
         """Sets CVPO's training settings. Symbols follow the paper; [FSRL] / [ORIG] / [ours] give each default's source.
@@ -219,6 +223,10 @@ class CVPOConfig(AlgorithmConfig):
                 first update (default 5000 [ours]; [ORIG] 4000 on its tasks, [FSRL] 0).
             updates_per_env_step: learner updates per sampled env step (default 0.25 [ours]; [FSRL] 0.2).
             store_buffer_in_checkpoints: keep the replay buffer in checkpoints (default True).
+            overlap_sampling: with remote EnvRunners, each one samples the next round while the learners update on
+                the last (RLlib's async EnvRunner requests, as APPO/IMPALA use them), so a round's episodes were
+                collected with weights at most one sampling round old: a policy lag of exactly one round, where
+                the synchronous loop (False) has none (default True [ours]).
             kwargs: RLlib's own settings: ``gamma`` (default 0.99 [ORIG]; [FSRL] 0.995),
                 ``train_batch_size_per_learner`` (B, default 256 [FSRL]), ...; set elsewhere: 8 envs per EnvRunner,
                 100-step fragments, 5000 env steps per iteration, 10 deterministic evaluation episodes per iteration.
@@ -448,25 +456,35 @@ class CVPO(Algorithm):
         cfg: CVPOConfig = self.config
         lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
         warmup = lifetime < cfg.num_steps_sampled_before_learning_starts
+        overlap = cfg.overlap_sampling and self.env_runner_group.num_healthy_remote_workers() > 0
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
-            episodes, runner_results = synchronous_parallel_sample(
-                worker_set=self.env_runner_group,
-                concat=True,
-                sample_timeout_s=cfg.sample_timeout_s,
-                random_actions=warmup,
-                _uses_new_env_runners=True,
-                _return_metrics=True,
-            )
+            if overlap:
+                rounds, runner_results = self._sample_overlapped(lifetime)
+                if not runner_results:
+                    return  # every EnvRunner failed; Algorithm.train() restores them before the next step
+            else:
+                episodes, runner_results = synchronous_parallel_sample(
+                    worker_set=self.env_runner_group,
+                    concat=True,
+                    sample_timeout_s=cfg.sample_timeout_s,
+                    random_actions=warmup,
+                    _uses_new_env_runners=True,
+                    _return_metrics=True,
+                )
+                rounds = [(episodes, warmup)]
         self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
+        sampled, sampled_costs = 0, np.zeros(len(cfg.cost_keys))
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
-            # Random warm-up actions come in the env's units, the policy's in [-1, 1]: store all in the policy's.
-            sampled = self.replay.add(episodes, action_space=self._action_space() if warmup else None)
+            for episodes, random_actions in rounds:
+                # Random warm-up actions come in the env's units, the policy's in [-1, 1]: store all in the policy's.
+                sampled += self.replay.add(episodes, action_space=self._action_space() if random_actions else None)
+                sampled_costs += self.replay.last_added_costs
         lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
         if lifetime < cfg.num_steps_sampled_before_learning_starts:
             return
         if cfg.cost_feedback_gain > 0:  # not during warm-up: those steps come from uniformly random actions
             limits = list(cfg.cost_limits_at(lifetime).values())
-            self._cost_offset = update_offset(self._cost_offset, self.replay.last_added_costs, sampled, limits,
+            self._cost_offset = update_offset(self._cost_offset, sampled_costs, sampled, limits,
                                               cfg.horizon, cfg.cost_feedback_gain, cfg.cost_feedback_margin)
             for key, offset in zip(cfg.cost_keys, self._cost_offset):
                 self.metrics.log_value((COST_FEEDBACK, key), float(offset), window=1)
@@ -492,8 +510,41 @@ class CVPO(Algorithm):
                 timesteps=timesteps,
             )
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
-        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
-            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+        if not overlap:  # (overlapped sampling hands the weights over with each sampling request)
+            with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+                self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
+                                                   inference_only=True)
+
+    def _sample_overlapped(self, lifetime: int):
+        """Collect the round each remote EnvRunner sampled since the last call (waiting for it if needed), then at
+        once ask each for the next round, which it samples while the learners update. Each request carries the
+        learners' weights as they are when it is made (before this step's update), so the episodes a step trains
+        on were collected with the weights of one update before the learners' current ones: a policy lag of one
+        round, always. (RLlib's ``sync_weights`` cannot be used here: it skips an EnvRunner that has a request in
+        flight.) Returns ([(episodes, whether they came from random warm-up actions), ...] per EnvRunner, runner
+        metrics)."""
+        cfg: CVPOConfig = self.config
+        group, tag = self.env_runner_group, "cvpo_sample"
+
+        def sample(runner, state, random_actions: bool):
+            runner.set_state(state)
+            return runner.sample(random_actions=random_actions), runner.get_metrics(), random_actions
+
+        def request(steps_so_far: int) -> None:
+            state = self.learner_group.get_state(components=COMPONENT_LEARNER + "/" + COMPONENT_RL_MODULE,
+                                                 inference_only=True)[COMPONENT_LEARNER]
+            state = ray.put({k: v for k, v in state.items() if k in (COMPONENT_RL_MODULE, WEIGHTS_SEQ_NO)})
+            group.foreach_env_runner_async(sample, tag=tag, kwargs={
+                "state": state, "random_actions": steps_so_far < cfg.num_steps_sampled_before_learning_starts})
+
+        if group.num_in_flight_async_reqs(tag=tag) == 0:
+            request(lifetime)
+        results = []
+        while not results and group.num_in_flight_async_reqs(tag=tag) > 0:
+            results = group.fetch_ready_async_reqs(tags=tag, timeout_seconds=cfg.sample_timeout_s)
+        rounds = [(eps, random) for _, (eps, _, random) in results]
+        request(lifetime + sum(len(ep) for eps, _ in rounds for ep in eps))
+        return rounds, [metrics for _, (_, metrics, _) in results]
 
     def _action_space(self):
         spaces = getattr(self, "spaces", None) or {}

@@ -1,0 +1,35 @@
+"""Sampling overlapped with learning: with a remote EnvRunner, each round's episodes were collected with weights
+exactly one round behind the learner's (the documented lag), every sampled step reaches the replay, and the
+synchronous loop (overlap_sampling=False) has no lag."""
+
+import numpy as np
+import pytest
+from helpers import small_config
+from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
+
+
+@pytest.mark.parametrize("overlap, lag", [(True, 1), (False, 0)])
+def test_policy_lag_is_one_round_with_overlap_and_none_without(ray_local, overlap, lag):
+    algo = small_config(overlap_sampling=overlap, num_steps_sampled_before_learning_starts=200) \
+        .env_runners(num_env_runners=1).build_algo()
+    learner = algo.learner_group._learner
+    lags = []
+    original = algo.replay.add
+
+    def recording(episodes, action_space=None):
+        for ep in episodes:
+            seq = ep.get_extra_model_outputs(WEIGHTS_SEQ_NO) if WEIGHTS_SEQ_NO in ep.extra_model_outputs else None
+            if seq is not None and len(seq):  # policy steps (warm-up steps have no model outputs)
+                lags.append(learner._weights_seq_no - int(np.max(seq)))
+        return original(episodes, action_space)
+
+    algo.replay.add = recording
+    try:
+        for _ in range(3):
+            result = algo.train()
+        assert len(lags) > 10
+        # Ignore the first policy rounds, sampled with the weights of the first sync.
+        assert set(lags[5:]) == {lag}
+        assert algo.replay.num_added == result["env_runners"]["num_env_steps_sampled_lifetime"]
+    finally:
+        algo.stop()
