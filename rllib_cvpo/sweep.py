@@ -178,7 +178,10 @@ def run_sweep(spec: SweepSpec, storage: str, address: Optional[str] = None, resu
     if resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"cannot resume: no sweep at {path!r}")
-        tuner = tune.Tuner.restore(path, trainable=CVPO, resume_unfinished=True, resume_errored=True)
+        # The param space is handed over again: Tune keeps large objects of it (the RLModule spec) as object
+        # references of the first run's Ray session, which a trial not yet started would otherwise fail to resolve.
+        tuner = tune.Tuner.restore(path, trainable=CVPO, resume_unfinished=True, resume_errored=True,
+                                   param_space=build_param_space(spec))
         return tuner.fit()
     if "://" not in storage and Path(path, "tuner.pkl").exists():
         raise FileExistsError(f"a sweep already exists at {path!r}: add --resume to continue it, or change 'name'")

@@ -127,7 +127,10 @@ def _rows(trial: Path):
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
 
 
-def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, tmp_path):
+@pytest.mark.parametrize("second_started", [True, False])
+def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, tmp_path, second_started):
+    """Interrupted while the second trial runs (the first finished), or while the first runs and the second has not
+    started (its configuration then comes from the restored param space)."""
     address = ray_local.get_runtime_context().gcs_address
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP)
@@ -145,9 +148,13 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, 
         done = [t for t in ts if _rows(t)[-1]["cvpo"]["env_steps"] >= 2000]
         return len(done) == 1 and len(ts) == 2
 
+    def first_started_only():
+        ts = [t for t in trials() if _rows(t)]
+        return len(ts) == 1 and len(trials()) == 1
+
     try:
         deadline = time.time() + 400
-        while not first_done_second_started():
+        while not (first_done_second_started() if second_started else first_started_only()):
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "timed out waiting for the second trial"
             time.sleep(0.3)
@@ -156,6 +163,16 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, 
     finally:
         if proc.poll() is None:
             proc.kill()
+    if not second_started:
+        assert len(trials()) == 1 and _rows(trials()[0])[-1]["cvpo"]["env_steps"] < 2000
+        resumed = subprocess.run([*CLI, "sweep", str(path), "--storage", str(storage), "--address", address,
+                                  "--resume"], capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert len(trials()) == 2
+        for trial in trials():
+            steps = [r["cvpo"]["env_steps"] for r in _rows(trial)]
+            assert steps == [1000, 2000]  # each iteration once: the first continued, the second ran whole
+        return
     finished = next(t for t in trials() if _rows(t)[-1]["cvpo"]["env_steps"] >= 2000)
     unfinished = next(t for t in trials() if t != finished)
     before = (finished / "result.json").read_bytes()
