@@ -233,16 +233,32 @@ def _init_ray(address: Optional[str]) -> None:
 
 
 def _check_resources(config, address: Optional[str]) -> None:
+    """Fail at once when the local Ray cannot place the run (Tune would otherwise wait for resources forever): the
+    request is RLlib's own (``CVPO.default_resource_request``: main process, EnvRunners, evaluation EnvRunners,
+    learners), compared with what the cluster has, naming each part."""
     import ray
+
+    from rllib_cvpo.cvpo.cvpo import CVPO
 
     if address is not None:
         return  # a cluster may scale up
-    need = config.num_cpus_for_main_process + config.num_env_runners * config.num_cpus_per_env_runner
-    have = ray.cluster_resources().get("CPU", 0)
-    if need > have:
+    need = CVPO.default_resource_request(config).required_resources
+    have = ray.cluster_resources()
+    missing = {k: v for k, v in need.items() if v > have.get(k, 0)}
+    if missing:
+        parts = [f"main process {config.num_cpus_for_main_process:g} CPU",
+                 f"{config.num_env_runners} env runner(s) x {config.num_cpus_per_env_runner:g} CPU"]
+        if config.evaluation_num_env_runners:
+            parts.append(f"{config.evaluation_num_env_runners} evaluation env runner(s)")
+        if config.num_learners:
+            cpus = 1 if config.num_cpus_per_learner == "auto" else config.num_cpus_per_learner
+            parts.append(f"{config.num_learners} learner(s) x {cpus:g} CPU, {config.num_gpus_per_learner:g} GPU")
+        wanted = ", ".join(f"{v:g} {k}" for k, v in missing.items())
+        has = ", ".join(f"{have.get(k, 0):g} {k}" for k in missing)
         raise ValueError(
-            f"this run needs {need:g} CPUs (1 for the learner + {config.num_env_runners} env runner(s)) but the local "
-            f"Ray has {have:g}: use --env-runners {max(int(have) - 1, 0)} or fewer, or --address to join a cluster"
+            f"this run needs {wanted} ({'; '.join(parts)}) but the local Ray has {has}: use fewer env runners "
+            f"(--env-runners {max(int(have.get('CPU', 1)) - 1, 0)} or fewer) or learners, or --address to join a "
+            "cluster"
         )
 
 

@@ -33,3 +33,33 @@ def test_presets_set_the_published_settings():
     assert (paper.gamma, paper.num_action_samples, paper.mstep_iterations, paper.estep_kl) == (0.99, 32, 6, 0.1)
     for preset in (fsrl, paper):
         preset.environment(DEFAULT_ENV).validate()
+
+
+def test_a_run_the_local_ray_cannot_place_fails_at_once_naming_what_is_missing(ray_local):
+    import pytest
+
+    from rllib_cvpo.training import _check_resources
+
+    _check_resources(build_config(), None)  # 1 main process + 1 env runner fit in 2 CPUs
+    with pytest.raises(ValueError, match=r"needs 4 CPU \(main process 1 CPU; 1 env runner\(s\) x 1 CPU; "
+                                         r"2 learner\(s\) x 1 CPU, 0 GPU\) but the local Ray has 2 CPU"):
+        _check_resources(build_config(overrides={"num_learners": 2}), None)
+    with pytest.raises(ValueError, match=r"needs 1 GPU .* but the local Ray has 0 GPU"):
+        _check_resources(build_config(overrides={"num_learners": 1, "num_gpus_per_learner": 1}), None)
+
+
+def test_evaluation_uses_as_many_envs_as_its_episodes_divide_into(ray_local):
+    for duration, envs in ((10, 5), (2, 2), (7, 7), (16, 8), (1, 1)):
+        config = CVPOConfig().environment("SpeedLimit-v0").evaluation(evaluation_duration=duration)
+        assert config.get_evaluation_config_object().num_envs_per_env_runner == envs
+    overridden = CVPOConfig().environment("SpeedLimit-v0").evaluation(
+        evaluation_duration=10, evaluation_config={"num_envs_per_env_runner": 3})
+    assert overridden.get_evaluation_config_object().num_envs_per_env_runner == 3
+    from helpers import small_config
+
+    algo = small_config().env_runners(num_envs_per_env_runner=8).evaluation(evaluation_duration=4).build_algo()
+    try:
+        result = algo.train()
+        assert result["evaluation"]["env_runners"]["num_episodes"] == 4  # 4 envs, one episode each
+    finally:
+        algo.stop()

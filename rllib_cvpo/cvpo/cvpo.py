@@ -344,6 +344,13 @@ class CVPOConfig(AlgorithmConfig):
         if (eval_config is not None and self.evaluation_duration_unit == "episodes"
                 and isinstance(self.evaluation_duration, int) and "metrics_num_episodes_for_smoothing" not in overrides):
             eval_config.metrics_num_episodes_for_smoothing = self.evaluation_duration
+        if (eval_config is not None and self.evaluation_duration_unit == "episodes"
+                and isinstance(self.evaluation_duration, int) and "num_envs_per_env_runner" not in overrides):
+            # As many envs as the episodes divide into (10 episodes: 5 envs, twice), not the training runners' 8,
+            # which would play 16 episodes to count 10.
+            per_runner = -(-self.evaluation_duration // max(self.evaluation_num_env_runners, 1))
+            envs = max(d for d in range(1, min(self.num_envs_per_env_runner, per_runner) + 1) if per_runner % d == 0)
+            eval_config.num_envs_per_env_runner = envs
         return eval_config
 
     @override(AlgorithmConfig)
