@@ -60,6 +60,8 @@ def test_evaluation_uses_as_many_envs_as_its_episodes_divide_into(ray_local):
     algo = small_config().env_runners(num_envs_per_env_runner=8).evaluation(evaluation_duration=4).build_algo()
     try:
         result = algo.train()
-        assert result["evaluation"]["env_runners"]["num_episodes"] == 4  # 4 envs, one episode each
+        evaluation = result["evaluation"]["env_runners"]
+        # 4 envs, one 200-step episode each: 800 steps (with the training runners' 8 envs: 1600 to count 4).
+        assert evaluation["num_episodes"] == 4 and evaluation["num_env_steps_sampled"] == 4 * 200
     finally:
         algo.stop()
