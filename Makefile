@@ -12,12 +12,12 @@ setup: $(STAMP)
 
 # safety-gymnasium 1.0.0 pins gymnasium 0.28.1 / mujoco 2.3.3, which conflict with ray[rllib] 2.60, so it is
 # added without its declared dependencies; rllib_cvpo.envs.compat makes it run on the pinned versions.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@$(MAKE) --no-print-directory system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
-	$(BIN)/python -m pip install --quiet --no-deps safety-gymnasium==1.0.0
+	$(BIN)/python -m pip install --quiet -e ".[test]" -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt safety-gymnasium
 	touch $(STAMP)
 
 # Headless MuJoCo rendering (MUJOCO_GL=egl) needs libEGL and a Mesa EGL driver.

@@ -1,6 +1,11 @@
 """rllib-cvpo: Constrained Variational Policy Optimization for Ray RLlib."""
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it from here)
+
+# What a run of the command defaults to (kept here, not in rllib_cvpo.training, so that `rllib-cvpo --help` does not
+# import Ray Tune).
+DEFAULT_ENV = "SafetyPointCircle1-v0"
+DEFAULT_TOTAL_ENV_STEPS = 100_000
 
 
 def __getattr__(name):

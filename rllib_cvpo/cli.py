@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from rllib_cvpo.training import DEFAULT_ENV, DEFAULT_TOTAL_ENV_STEPS
+from rllib_cvpo import DEFAULT_ENV, DEFAULT_TOTAL_ENV_STEPS, __version__
 
 
 class UsageError(Exception):
@@ -56,6 +56,7 @@ _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rllib-cvpo", description="CVPO safe RL on Ray RLlib")
+    parser.add_argument("--version", action="version", version=f"rllib-cvpo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train CVPO on a task (through Ray Tune, on an embedded local Ray by default)")

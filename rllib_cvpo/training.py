@@ -15,10 +15,9 @@ from typing import Any, Dict, Mapping, Optional
 
 from ray.tune import Callback
 
+from rllib_cvpo import DEFAULT_ENV, DEFAULT_TOTAL_ENV_STEPS  # noqa: F401 - re-exported
 from rllib_cvpo.runs import RUN_FILE, find_checkpoints, plot_runs, read_results, summary_table, trial_dirs
 
-DEFAULT_ENV = "SafetyPointCircle1-v0"
-DEFAULT_TOTAL_ENV_STEPS = 100_000
 
 class ConfigFileError(ValueError):
     """A YAML config file that cannot be used; the message names the file, the line and the key."""

@@ -65,3 +65,19 @@ def test_evaluation_uses_as_many_envs_as_its_episodes_divide_into(ray_local):
         assert evaluation["num_episodes"] == 4 and evaluation["num_env_steps_sampled"] == 4 * 200
     finally:
         algo.stop()
+
+
+def test_version_is_written_once_and_the_command_reports_it():
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    import rllib_cvpo
+
+    assert importlib.metadata.version("rllib-cvpo") == rllib_cvpo.__version__
+    for cmd in ([sys.executable, "-m", "rllib_cvpo", "--version"], [sys.executable, "-m", "rllib_cvpo.cli", "--version"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == f"rllib-cvpo {rllib_cvpo.__version__}"
+    # --help does not import Ray Tune (it used to take seconds).
+    probe = "import sys, rllib_cvpo.cli; print('ray.tune' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
