@@ -1,0 +1,102 @@
+"""Sampling, learning and the whole training loop, each measured alone, in one run, with the command's defaults.
+
+    .venv/bin/python benchmarks/pipeline.py                         # SafetyPointCircle1-v0, both loops
+    .venv/bin/python benchmarks/pipeline.py --iterations 6 --no-evaluation
+
+Three rates in env steps per second, measured one after the other in this process on the same configuration
+(``rllib-cvpo train``'s: one remote EnvRunner with 8 envs, the learner in the driver, 0.25 updates per env step):
+- sampling only: the EnvRunner's ``sample()`` called back to back (the stochastic policy acting);
+- learner only: ``LearnerGroup.update`` on replayed minibatches, in updates/s divided by the updates per env step
+  (the env-step rate the learner could sustain);
+- training: ``Algorithm.train()`` after the random warm-up, env steps sampled per second of wall time, with
+  sampling overlapped with learning (``overlap_sampling``, the default) and without.
+Sampling and learning share the machine's two cores in the full loop, so the full loop cannot beat the slower stage
+measured alone; the ratio full / slowest says how much of it the loop keeps. With ``--no-evaluation`` the
+deterministic evaluation episodes after each iteration are left out (they are extra env steps, not training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+
+def build(overlap: bool, evaluation: bool, env: str):
+    from rllib_cvpo.training import build_config
+
+    overrides = {"overlap_sampling": overlap}
+    if not evaluation:
+        overrides["evaluation_interval"] = None
+    return build_config(env=env, overrides=overrides).build_algo()
+
+
+def sampling_rate(algo, seconds: float) -> float:
+    group = algo.env_runner_group
+    group.foreach_env_runner(lambda r: r.sample(), local_env_runner=False)  # warm
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        steps += sum(group.foreach_env_runner(lambda r: sum(len(e) for e in r.sample()), local_env_runner=False))
+    return steps / (time.perf_counter() - t0)
+
+
+def learner_rate(algo, seconds: float) -> float:
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+    cfg = algo.config
+    updates, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        columns = algo.replay.sample(50 * cfg.train_batch_size_per_learner, n_step=cfg.n_step, gamma=cfg.gamma)
+        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns["obs"]))
+        algo.learner_group.update(batch=batch, minibatch_size=cfg.train_batch_size_per_learner, num_epochs=1,
+                                  shuffle_batch_per_epoch=False, timesteps={"num_env_steps_sampled_lifetime": 10**6})
+        updates += 50
+    return updates / (time.perf_counter() - t0) / cfg.updates_per_env_step
+
+
+def training_rate(algo, iterations: int) -> float:
+    steps = lambda r: r["env_runners"]["num_env_steps_sampled_lifetime"]  # noqa: E731
+    while steps(algo.train()) < algo.config.num_steps_sampled_before_learning_starts + 5000:
+        pass  # past the warm-up, with the learner running
+    start = steps(algo.train())
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        end = steps(algo.train())
+    return (end - start) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="SafetyPointCircle1-v0")
+    parser.add_argument("--seconds", type=float, default=30.0, help="per stage measured alone")
+    parser.add_argument("--iterations", type=int, default=4, help="training iterations timed per loop")
+    parser.add_argument("--no-evaluation", action="store_true")
+    args = parser.parse_args()
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    print(f"{args.env}, the command's defaults, {platform.machine()} with {os.cpu_count()} CPUs"
+          f"{', no evaluation' if args.no_evaluation else ', 10 evaluation episodes per iteration'}")
+    rates = {}
+    algo = build(True, not args.no_evaluation, args.env)
+    try:
+        rates["full loop, overlapped"] = training_rate(algo, args.iterations)
+        rates["sampling only"] = sampling_rate(algo, args.seconds)
+        rates["learner only"] = learner_rate(algo, args.seconds)
+    finally:
+        algo.stop()
+    algo = build(False, not args.no_evaluation, args.env)
+    try:
+        rates["full loop, synchronous"] = training_rate(algo, args.iterations)
+    finally:
+        algo.stop()
+    slowest = min(rates["sampling only"], rates["learner only"])
+    for name, rate in rates.items():
+        extra = f"  ({rate / slowest:.0%} of the slower stage)" if name.startswith("full") else ""
+        print(f"  {name:24s} {rate:8.1f} env steps/s{extra}")
+
+
+if __name__ == "__main__":
+    main()
