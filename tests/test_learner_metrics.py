@@ -116,3 +116,25 @@ def test_pi_old_is_a_copy_of_pi_after_each_round_with_round_sync_and_lags_with_p
                 assert not any(same)
         finally:
             group.shutdown()
+
+
+def test_every_cost_head_trains_and_the_ensemble_combines_to_mean_plus_k_std(ray_local):
+    group = _learner_group(qc_ensemble=4, qc_pessimism=0.5)
+    try:
+        module = group._learner.module[DEFAULT_MODULE_ID]
+        assert module.critics.members == 2 + 4  # twin reward critics + 4 cost heads
+        first = [layer.weight.detach().clone() for layer in module.critics.net if hasattr(layer, "weight")]
+        group.update(batch=_batch(3 * B), minibatch_size=B, num_epochs=1, shuffle_batch_per_epoch=False,
+                     timesteps={"num_env_steps_sampled_lifetime": 1000})
+        last = [layer.weight.detach() for layer in module.critics.net if hasattr(layer, "weight")]
+        for before, after in zip(first, last):  # every member of every layer moved
+            assert ((after - before).abs().flatten(1).amax(1) > 0).all()
+        obs, actions = torch.randn(50, 5), torch.rand(50, 2) * 2 - 1
+        with torch.no_grad():
+            _, heads = module.q_values(obs, actions, combine=False)
+            _, combined = module.q_values(obs, actions)
+        assert heads.shape == (4, 50) and combined.shape == (1, 50)
+        assert not torch.allclose(heads[0], heads[1])  # independent heads, not one copied
+        torch.testing.assert_close(combined[0], heads.mean(0) + 0.5 * heads.std(0))
+    finally:
+        group.shutdown()

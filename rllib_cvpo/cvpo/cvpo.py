@@ -224,9 +224,9 @@ class CVPOConfig(AlgorithmConfig):
             updates_per_env_step: learner updates per sampled env step (default 0.25 [ours]; [FSRL] 0.2).
             store_buffer_in_checkpoints: keep the replay buffer in checkpoints (default True).
             overlap_sampling: with remote EnvRunners, each one samples the next round while the learners update on
-                the last (RLlib's async EnvRunner requests, as APPO/IMPALA use them), so a round's episodes were
-                collected with weights at most one sampling round old: a policy lag of exactly one round, where
-                the synchronous loop (False) has none (default True [ours]).
+                the last (RLlib's async EnvRunner requests, as APPO/IMPALA use them), so the episodes a step trains
+                on were collected with the weights from before the previous update: a policy lag of exactly one
+                round, where the synchronous loop (False) has none (default True [ours]).
             kwargs: RLlib's own settings: ``gamma`` (default 0.99 [ORIG]; [FSRL] 0.995),
                 ``train_batch_size_per_learner`` (B, default 256 [FSRL]), ...; set elsewhere: 8 envs per EnvRunner,
                 100-step fragments, 5000 env steps per iteration, 10 deterministic evaluation episodes per iteration.

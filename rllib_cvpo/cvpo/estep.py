@@ -138,10 +138,7 @@ class DualProblem:
                                      f"of {np.size(values)} values non-finite)")
         if not (np.isfinite(self.eps_kl) and self.eps_kl > 0):
             raise NonFiniteError(f"E-step KL bound must be a finite number > 0, got {self.eps_kl!r}")
-        # The dual is positively homogeneous in the data: scaling Q_r, Q_c and eps_c by s scales g and eta* by s.
-        # The solver's tolerances are taken relative to this scale, so its accuracy does not depend on the units.
-        self.scale = float(max(np.abs(qr).max(initial=0.0), np.abs(qc).max(initial=0.0),
-                               np.abs(self.eps_c).max(initial=0.0), np.finfo(np.float64).tiny))
+
         if self.m == 1:
             self._one = (np.ascontiguousarray(qr.T), np.ascontiguousarray(qc[..., 0].T))  # [N, B] each
             self.qr, self.qc = self._one[0].T, self._one[1].T[..., None]
@@ -234,10 +231,17 @@ def solve_dual_newton(
     lo = np.array([eta_min] + [0.0] * problem.m)
     hi = np.array([eta_max] + [lam_max] * problem.m)
     theta = np.clip(start, lo, hi)
-    scale = problem.scale
-    curvature_unit = np.array([1.0 / scale] + [scale] * problem.m)
     current = problem.evaluate(theta)
     value, grad, hess, _ = current
+    # The dual is positively homogeneous in the data: scaling Q_r, Q_c and eps_c by s scales g and eta* by s. The
+    # tolerances are relative to the data's scale S, so the accuracy does not depend on the units. S comes from the
+    # reduced sums (the mean E_w[x], E_w[Q_c], the spread of x, eps_c), so every learner of a sharded batch uses the
+    # same S and runs the same iterations.
+    sums, m = current[3], problem.m
+    scale = float(max(abs(sums[2]) / sums[0], np.abs(sums[3:3 + m]).max() / sums[0],
+                      np.sqrt(max(sums[3 + m], 0.0) / sums[0]), np.abs(problem.eps_c).max(),
+                      np.finfo(np.float64).tiny))
+    curvature_unit = np.array([1.0 / scale] + [scale] * problem.m)
     iters = 0
     for iters in range(1, max_iter + 1):
         pinned = ((theta <= lo) & (grad > 0)) | ((theta >= hi) & (grad < 0))

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
-from ray.rllib.utils.annotations import override
 from ray.rllib.policy.sample_batch import MultiAgentBatch
+from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from rllib_cvpo.cvpo import estep
@@ -210,8 +210,7 @@ class CVPOTorchLearner(TorchLearner):
             if cfg.qc_nonnegative:
                 tqc = tqc.clamp_min(0.0)
             y_r = rewards + discount * tqr.min(0).values
-            y_c = costs.t().repeat(module.qc_copies, 1) if not module.twin_qc else costs.t()
-            y_c = y_c + discount * tqc
+            y_c = costs.t().repeat(tqc.shape[0] // m, 1) + discount * tqc  # [m or E_c * m, B], copy-major
         qr, qc = module.q_values(obs, actions, combine=False)
         loss_qr = ((qr - y_r) ** 2).mean(1).sum()
         loss_qc = ((qc - y_c.repeat(qc.shape[0] // y_c.shape[0], 1)) ** 2).mean(1).sum()
