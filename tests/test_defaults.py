@@ -81,3 +81,24 @@ def test_version_is_written_once_and_the_command_reports_it():
     # --help does not import Ray Tune (it used to take seconds).
     probe = "import sys, rllib_cvpo.cli; print('ray.tune' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+
+
+def test_a_users_callback_runs_beside_cvpos_cost_metrics(ray_local):
+    from helpers import small_config
+    from ray.rllib.callbacks.callbacks import RLlibCallback
+
+    class Mine(RLlibCallback):
+        def on_episode_end(self, *, metrics_logger=None, **kwargs):
+            metrics_logger.log_value("my_episodes", 1, reduce="sum")
+
+    algo = small_config().callbacks(Mine).build_algo()
+    try:
+        result = algo.train()
+        runners = result["env_runners"]
+        assert runners["my_episodes"] >= 1  # the user's callback ran
+        assert runners["episode_cost"] >= 0  # and CVPO's cost metrics are still there
+        assert result["cvpo"]["score"] == result["cvpo"]["score"]  # not NaN: checkpoints can be ranked
+    finally:
+        algo.stop()

@@ -238,6 +238,19 @@ class CVPOConfig(AlgorithmConfig):
         return self
 
     @override(AlgorithmConfig)
+    def callbacks(self, callbacks_class=NotProvided, **kwargs) -> "CVPOConfig":
+        """As RLlib's, but CVPO's cost metrics callback always stays: a user's callback class (or list) runs beside
+        it, never instead (the episode cost, the score and the checkpoint ranking depend on it)."""
+        if callbacks_class is not NotProvided and callbacks_class is not None:
+            classes = list(callbacks_class) if isinstance(callbacks_class, (list, tuple)) else [callbacks_class]
+            if not any(isinstance(c, type) and issubclass(c, CostMetricsCallback) for c in classes):
+                classes.insert(0, CostMetricsCallback)
+            callbacks_class = classes if len(classes) > 1 else classes[0]
+        elif callbacks_class is None:
+            callbacks_class = CostMetricsCallback
+        return super().callbacks(callbacks_class, **kwargs)
+
+    @override(AlgorithmConfig)
     def environment(self, env=NotProvided, **kwargs) -> "CVPOConfig":
         """As RLlib's, and a task id known to :func:`rllib_cvpo.envs.make_env` is registered with Ray right away,
         so remote EnvRunners build it through the env factory."""
