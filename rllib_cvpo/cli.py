@@ -130,7 +130,18 @@ def cmd_train(args) -> int:
         overrides = load_config_file(args.config) if args.config else {}
     except ConfigFileError as err:
         raise UsageError(str(err)) from None
-    total = args.total_env_steps or int(overrides.pop("total_env_steps", DEFAULT_TOTAL_ENV_STEPS))
+    total = overrides.pop("total_env_steps", DEFAULT_TOTAL_ENV_STEPS)
+    if isinstance(total, str):  # YAML 1.1 reads 1.5e5 (no sign in the exponent) as a string
+        try:
+            total = float(total)
+        except ValueError:
+            pass
+    if isinstance(total, float) and total.is_integer():
+        total = int(total)
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise UsageError(f"{args.config}: total_env_steps must be a positive whole number of env steps, "
+                         f"got {total!r}")
+    total = args.total_env_steps or total
     try:
         config = build_config(args.env, args.cost_limit, args.seed, args.env_runners, overrides)
     except UnknownEnvError as err:

@@ -78,6 +78,10 @@ def test_malformed_config_and_bad_values_are_one_line_and_exit_2(tmp_path):
     cfg.write_text("estep_kl: -0.1\n")
     assert_usage_error(run_cli("train", "--config", cfg), "estep_kl must be > 0.0, got -0.1")
     assert_usage_error(run_cli("train", "--resume", tmp_path), "cannot resume", "not a run directory")
+    for bad in ("abc", "0", "-5", "2.5"):
+        cfg.write_text(f"total_env_steps: {bad}\n")
+        assert_usage_error(run_cli("train", "--config", cfg),
+                           f"{cfg}: total_env_steps must be a positive whole number of env steps")
 
 
 # -- envs ----------------------------------------------------------------------------------------------------------
