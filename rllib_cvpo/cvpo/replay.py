@@ -212,9 +212,11 @@ class CostReplayBuffer:
 
 
 def normalize_actions(actions: np.ndarray, space) -> np.ndarray:
-    """Env-unit actions [n, d] -> the policy's [-1, 1] units for a bounded Box (RLlib's ``normalize_action``; an
-    unbounded Box is left as it is, as RLlib leaves the policy's actions unscaled there)."""
-    low, high = np.asarray(space.low, np.float64).reshape(-1), np.asarray(space.high, np.float64).reshape(-1)
-    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+    """Env-unit actions [n, d] -> the policy's [-1, 1] units: RLlib's ``normalize_action`` (the inverse of the
+    unsquashing its module-to-env connector applies), for a bounded Box. RLlib leaves an unbounded Box's actions
+    unscaled, and its ``normalize_action`` would return NaN there, so those are kept as they are."""
+    from ray.rllib.utils.spaces.space_utils import normalize_action
+
+    if not (np.all(space.bounded_below) and np.all(space.bounded_above)):
         return actions
-    return (2.0 * (actions - low) / (high - low) - 1.0).astype(np.float32)
+    return np.asarray(normalize_action(actions.reshape(-1, *space.shape), space), np.float32).reshape(actions.shape)

@@ -74,6 +74,8 @@ class CriticEnsemble(nn.Module):
                 # In place is safe for ReLU under autograd: its backward reads its output, and baddbmm's its inputs.
                 layers.append(nn.ReLU(inplace=True) if activation == "relu" else ACTIVATIONS[activation]())
         self.net = nn.Sequential(*layers)
+        # The linear layers (a plain list: the modules are registered through `net`; deepcopy keeps them shared).
+        self._linears = [layer for layer in layers if isinstance(layer, EnsembleLinear)]
         self.members = members
         self.activation = activation
         self._workspace: Dict[tuple, torch.Tensor] = {}
@@ -95,7 +97,7 @@ class CriticEnsemble(nn.Module):
         n * B + b). Same values as ``forward`` on the repeated observations, but the first layer's observation part
         is computed once per state (not N times) and broadcast. The result is a new tensor; the hidden activations
         live in a workspace reused by the next call."""
-        linears = [layer for layer in self.net if isinstance(layer, EnsembleLinear)]
+        linears = self._linears
         activate = INPLACE_ACTIVATIONS[self.activation]
         n, b, da = actions.shape
         do = obs.shape[-1]
