@@ -34,11 +34,37 @@ def test_control_law_tightens_over_the_target_relaxes_to_zero_under_it_and_stays
     assert update_offset(np.array([0.3]), [0.0], 0, [1.0], 100, 1.0, 0.1)[0] == 0.3
 
 
-def test_validate_rejects_a_negative_gain_and_a_margin_outside_0_1():
+def test_the_source_chooses_the_measured_cost_and_both_takes_the_larger_error():
+    # T = 100, limit 10, margin 0.1: target 9. Training: 400 steps costing 40 (10 per episode, error +1); the
+    # last evaluation: 15 per episode (error +6). Weighted by the 4 episodes just sampled, gain 0.1.
+    args = (np.zeros(1), [40.0], 400, [10.0], 100, 0.1, 0.1)
+    assert update_offset(*args, source="training", evaluation_costs=[15.0])[0] == pytest.approx(0.4)
+    assert update_offset(*args, source="evaluation", evaluation_costs=[15.0])[0] == pytest.approx(2.4)
+    assert update_offset(*args, source="both", evaluation_costs=[15.0])[0] == pytest.approx(2.4)
+    # "both" with the evaluation under the target and training over it: the training error (+1) decides.
+    assert update_offset(*args, source="both", evaluation_costs=[3.0])[0] == pytest.approx(0.4)
+    # Per constraint: the larger error of each.
+    two = update_offset(np.zeros(2), [40.0, 0.0], 400, [10.0, 10.0], 100, 0.1, 0.1, "both", [0.0, 12.0])
+    np.testing.assert_allclose(two, [0.4, 1.2])
+    # Before the first evaluation: "evaluation" makes no step, "both" uses the training error alone.
+    assert update_offset(np.array([0.7]), [40.0], 400, [10.0], 100, 0.1, 0.1, "evaluation", None)[0] == 0.7
+    assert update_offset(*args, source="both", evaluation_costs=None)[0] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="source must be one of .*got 'deployed'"):
+        update_offset(*args, source="deployed")
+
+
+def test_validate_rejects_a_negative_gain_a_margin_outside_0_1_and_a_bad_source():
     with pytest.raises(ValueError, match="cost_feedback_gain must be >= 0, got -0.1"):
         small_config(cost_feedback_gain=-0.1).validate()
     with pytest.raises(ValueError, match="cost_feedback_margin must be <= 1, got 1.5"):
         small_config(cost_feedback_margin=1.5).validate()
+    with pytest.raises(ValueError, match="cost_feedback_source must be one of 'training', 'evaluation', 'both', "
+                                         "got 'eval'"):
+        small_config(cost_feedback_source="eval").validate()
+    with pytest.raises(ValueError, match="cost_feedback_source='both' measures the evaluation's cost, but "
+                                         "evaluation is off"):
+        small_config(cost_feedback_gain=0.1, cost_feedback_source="both").evaluation(
+            evaluation_interval=None).validate()
 
 
 def test_feedback_offsets_the_learners_thresholds_exactly_and_survives_a_checkpoint(ray_local, tmp_path):
@@ -79,6 +105,44 @@ def test_feedback_offsets_the_learners_thresholds_exactly_and_survives_a_checkpo
         assert float(restored._cost_offset[0]) == offset
         restored.train()
         assert float(restored._cost_offset[0]) != offset  # it keeps adapting
+    finally:
+        restored.stop()
+
+
+def test_evaluation_feedback_follows_the_deployed_policys_measured_cost_and_survives_a_checkpoint(ray_local,
+                                                                                                   tmp_path):
+    # SpeedLimit-v0 at limit 5 with the feedback on the deterministic evaluation's cost: nothing moves before the
+    # first evaluation (iteration 1 runs its evaluation after training), then every sampling round integrates the
+    # held evaluation cost, whatever the training episodes cost.
+    config = small_config(cost_limit=5.0, cost_feedback_gain=0.5, cost_feedback_source="evaluation")
+    algo = config.build_algo()
+    rounds = []
+    original = algo.replay.add
+
+    def recording(episodes, action_space=None):
+        added = original(episodes, action_space)
+        rounds.append((added, algo._evaluation_costs))
+        return added
+
+    algo.replay.add = recording
+    try:
+        first = algo.train()
+        assert float(algo._cost_offset[0]) == 0.0
+        assert algo._evaluation_costs == [pytest.approx(first["cvpo"]["eval_cost"])]
+        second = algo.train()
+        expected = np.zeros(1)
+        for added, held in rounds:
+            expected = update_offset(expected, [0.0], added, [5.0], 200, 0.5, 0.1, "evaluation", held)
+        assert float(algo._cost_offset[0]) == pytest.approx(float(expected[0]), rel=1e-12)
+        assert first["cvpo"]["eval_cost"] > 5.0 and float(algo._cost_offset[0]) > 0.0  # (the law made a move)
+        assert algo._evaluation_costs == [pytest.approx(second["cvpo"]["eval_cost"])]
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+        saved = (float(algo._cost_offset[0]), list(algo._evaluation_costs))
+    finally:
+        algo.stop()
+    restored = CVPO.from_checkpoint(path)
+    try:
+        assert (float(restored._cost_offset[0]), restored._evaluation_costs) == saved
     finally:
         restored.stop()
 

@@ -33,7 +33,7 @@ from ray.util.debug import log_once
 
 from rllib_cvpo.cvpo.callbacks import CostMetricsCallback
 from rllib_cvpo.cvpo.estep import qc_threshold
-from rllib_cvpo.cvpo.feedback import THRESHOLD_OFFSET, update_offset
+from rllib_cvpo.cvpo.feedback import SOURCES as FEEDBACK_SOURCES, THRESHOLD_OFFSET, update_offset
 from rllib_cvpo.cvpo.replay import CostReplayBuffer
 
 # CVPO exists on RLlib's new API stack only, so RLlib's one-time "you are running on the new API stack" notice says
@@ -69,6 +69,7 @@ class CVPOConfig(AlgorithmConfig):
         self.cost_limit_anneal_steps: int = 0
         self.cost_feedback_gain = 0.0
         self.cost_feedback_margin = 0.1
+        self.cost_feedback_source = "training"
         self.episode_len: Optional[int] = None
         # E-step.
         self.estep_kl = 0.1
@@ -131,6 +132,7 @@ class CVPOConfig(AlgorithmConfig):
         cost_limit_anneal_steps=NotProvided,
         cost_feedback_gain=NotProvided,
         cost_feedback_margin=NotProvided,
+        cost_feedback_source=NotProvided,
         episode_len=NotProvided,
         estep_kl=NotProvided,
         num_action_samples=NotProvided,
@@ -181,6 +183,9 @@ class CVPOConfig(AlgorithmConfig):
                 default 0: off [ours]).
             cost_feedback_margin: m, the feedback drives the measured cost to (1 - m) d, below the limit
                 (default 0.1 [ours]).
+            cost_feedback_source: which measured cost the feedback drives to the target: "training" (the
+                exploring policy's episodes, default), "evaluation" (the deployed deterministic policy's last
+                evaluation; needs evaluation) or "both" (whichever is further over).
             episode_len: T, the episode length used to turn d into the per-step Q_c threshold
                 eps_c = d (1 - gamma^T) / ((1 - gamma) T); default None: the env's time limit.
             estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.1 [ORIG];
@@ -397,6 +402,12 @@ class CVPOConfig(AlgorithmConfig):
         number("cost_limit_anneal_steps", 0)
         number("cost_feedback_gain", 0)
         number("cost_feedback_margin", 0, 1)
+        if self.cost_feedback_source not in FEEDBACK_SOURCES:
+            errors.append(f"cost_feedback_source must be one of {', '.join(map(repr, FEEDBACK_SOURCES))}, got "
+                          f"{self.cost_feedback_source!r}")
+        elif self.cost_feedback_source != "training" and self.cost_feedback_gain > 0 and not self.evaluation_interval:
+            errors.append(f"cost_feedback_source={self.cost_feedback_source!r} measures the evaluation's cost, but "
+                          f"evaluation is off (evaluation_interval={self.evaluation_interval!r})")
         for name, lo in (("qc_ensemble", 1), ("n_step", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -470,6 +481,7 @@ class CVPO(Algorithm):
         self.replay = CostReplayBuffer(config.replay_capacity, config.cost_keys, seed=config.seed)
         self._update_credit = 0.0
         self._cost_offset = np.zeros(len(config.cost_keys))  # the cost feedback's offsets o (episodic cost units)
+        self._evaluation_costs: Optional[list] = None  # each constraint's mean episodic cost in the last evaluation
 
     @override(Algorithm)
     def training_step(self) -> None:
@@ -505,7 +517,8 @@ class CVPO(Algorithm):
         if cfg.cost_feedback_gain > 0:  # not during warm-up: those steps come from uniformly random actions
             limits = list(cfg.cost_limits_at(lifetime).values())
             self._cost_offset = update_offset(self._cost_offset, sampled_costs, sampled, limits,
-                                              cfg.horizon, cfg.cost_feedback_gain, cfg.cost_feedback_margin)
+                                              cfg.horizon, cfg.cost_feedback_gain, cfg.cost_feedback_margin,
+                                              cfg.cost_feedback_source, self._evaluation_costs)
             for key, offset in zip(cfg.cost_keys, self._cost_offset):
                 self.metrics.log_value((COST_FEEDBACK, key), float(offset), window=1)
         self._update_credit += sampled * cfg.updates_per_env_step
@@ -573,6 +586,10 @@ class CVPO(Algorithm):
     @override(Algorithm)
     def step(self) -> Dict[str, Any]:
         result = super().step()
+        evaluation = (result.get(EVALUATION_RESULTS, {}) or {}).get(ENV_RUNNER_RESULTS, {}) or {}
+        costs = self._constraint_costs(evaluation)
+        if all(math.isfinite(c) for c in costs.values()):
+            self._evaluation_costs = list(costs.values())  # held for the cost feedback until the next evaluation
         result[SUMMARY] = self.summarize(result)
         # Top level too: Tune's checkpoint ranking looks the score attribute up without flattening nested keys.
         result[SCORE] = result[SUMMARY]["score"]
@@ -595,10 +612,7 @@ class CVPO(Algorithm):
 
         limits = cfg.cost_limits
         judged = evaluation if math.isfinite(get(evaluation, EPISODE_RETURN_MEAN)) else runners
-        if len(limits) == 1:
-            costs = {key: get(judged, "episode_cost") for key in limits}
-        else:
-            costs = {key: get(judged, f"episode_{key}") for key in limits}
+        costs = self._constraint_costs(judged)
         ret, cost = get(judged, EPISODE_RETURN_MEAN), get(judged, "episode_cost")
         known = math.isfinite(ret) and all(math.isfinite(c) for c in costs.values())
         feasible = known and all(costs[k] <= limits[k] for k in limits)
@@ -620,6 +634,16 @@ class CVPO(Algorithm):
             "feasible": float(feasible),
             "score": score,
         }
+
+    def _constraint_costs(self, runner_results: Dict[str, Any]) -> Dict[str, float]:
+        """Each constraint's mean episodic cost in an EnvRunner result dict (NaN where it holds none)."""
+        keys = self.config.cost_keys
+        names = {keys[0]: "episode_cost"} if len(keys) == 1 else {k: f"episode_{k}" for k in keys}
+        out = {}
+        for key, name in names.items():
+            v = runner_results.get(name, float("nan"))
+            out[key] = float(v) if isinstance(v, (int, float)) else float("nan")
+        return out
 
     @override(Algorithm)
     def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
@@ -655,7 +679,7 @@ class CVPO(Algorithm):
         if self.config.store_buffer_in_checkpoints and self._check_component(REPLAY_STATE, components, not_components):
             state[REPLAY_STATE] = {"buffer": self.replay.get_state(), "credit": self._update_credit}
         if self._check_component(COST_FEEDBACK, components, not_components):
-            state[COST_FEEDBACK] = {"offset": self._cost_offset.copy()}
+            state[COST_FEEDBACK] = {"offset": self._cost_offset.copy(), "evaluation_costs": self._evaluation_costs}
         return state
 
     @override(Algorithm)
@@ -666,3 +690,4 @@ class CVPO(Algorithm):
             self._update_credit = float(state[REPLAY_STATE]["credit"])
         if COST_FEEDBACK in state:
             self._cost_offset = np.array(state[COST_FEEDBACK]["offset"], np.float64)
+            self._evaluation_costs = state[COST_FEEDBACK].get("evaluation_costs")

@@ -16,14 +16,20 @@ same amount in Q_c units, and may go below 0 where the critic's bias needs it):
     o_i  <- clip(o_i + gain * (steps / T) * e_i, 0, OFFSET_MAX * D_i)
 
 The gain is per episode's worth of experience, independent of how the sampling is chunked; the margin m puts the
-target below the limit. The offset is additive, so it also corrects a critic whose batch mean is at or below zero
+target below the limit.
+
+What J_i measures is ``cost_feedback_source``: "training", the exploring (stochastic) policy's episodes just sampled;
+"evaluation", the deployed (deterministic) policy's last evaluation, held between evaluations; or "both", the larger
+of the two errors, so the correction tightens until both policies are under the target. The deployed policy is not
+the one the E-step constrains (it plays the Gaussian's mean, without the exploration noise), and its cost can be
+several times the exploring policy's: only a measurement of it can hold it. The offset is additive, so it also corrects a critic whose batch mean is at or below zero
 (a scale cannot), and it never goes below 0: the correction tightens while the measured cost is over the target and
 relaxes back to the critic's own threshold, never past it, while under.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -31,15 +37,30 @@ OFFSET_MAX = 4.0  # in units of max(d, 1): the limit the E-step sees goes no low
 THRESHOLD_OFFSET = "cvpo_threshold_offset"  # the key of Learner.update()'s timesteps that hands the offsets over
 
 
+SOURCES = ("training", "evaluation", "both")
+
+
 def update_offset(offset: np.ndarray, step_costs: Sequence[float], steps: int, limits: Sequence[float],
-                  horizon: int, gain: float, margin: float) -> np.ndarray:
-    """One integral step of the offsets o (see the module docstring). ``step_costs``: the summed cost of each
-    constraint over the ``steps`` env steps just sampled."""
+                  horizon: int, gain: float, margin: float, source: str = "training",
+                  evaluation_costs: Optional[Sequence[float]] = None) -> np.ndarray:
+    """One integral step of the offsets o (see the module docstring), weighted by the ``steps`` env steps just
+    sampled. ``step_costs``: the summed cost of each constraint over those steps; ``evaluation_costs``: each
+    constraint's mean episodic cost in the last evaluation (None: none yet, and then "evaluation" makes no step and
+    "both" uses the training error alone)."""
     offset = np.asarray(offset, np.float64)
+    if source not in SOURCES:
+        raise ValueError(f"cost feedback source must be one of {SOURCES}, got {source!r}")
     if steps <= 0 or gain <= 0:
         return offset.copy()
-    episodic = np.asarray(step_costs, np.float64) / steps * horizon
     limits = np.asarray(limits, np.float64)
     scale = np.maximum(limits, 1.0)
-    error = np.clip(episodic - (1.0 - margin) * limits, -scale, scale)
+    target = (1.0 - margin) * limits
+    errors = []
+    if source in ("training", "both"):
+        errors.append(np.asarray(step_costs, np.float64) / steps * horizon - target)
+    if source in ("evaluation", "both") and evaluation_costs is not None:
+        errors.append(np.asarray(evaluation_costs, np.float64) - target)
+    if not errors:
+        return offset.copy()
+    error = np.clip(np.max(errors, axis=0), -scale, scale)
     return np.clip(offset + gain * (steps / horizon) * error, 0.0, OFFSET_MAX * scale)
