@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="deterministic episodes of a trained policy")
     ev.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its best feasible checkpoint)")
     ev.add_argument("--episodes", type=_positive_int, default=10)
+    ev.add_argument("--latest", action="store_true",
+                    help="for a run directory: its latest checkpoint instead of its best feasible one")
     ev.add_argument("--seed", type=int, default=0, help="seed of the first episode (then seed+1, ...)")
     ev.add_argument("--video", default=None, metavar="DIR", help="write MP4 videos of the episodes to DIR")
     ev.add_argument("--video-episodes", type=_positive_int, default=1, help="episodes to record (default 1)")
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- train ---------------------------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    from rllib_cvpo.checkpoints import RunDirInUse
     from rllib_cvpo.envs import UnknownEnvError
     from rllib_cvpo.training import ConfigFileError, build_config, load_config_file, resume_training, run_training
 
@@ -122,8 +125,8 @@ def cmd_train(args) -> int:
                              "--total-env-steps, --seed and --config")
         try:
             outcome = resume_training(Path(args.resume), address=args.address)
-        except FileNotFoundError as err:
-            raise UsageError(str(err)) from None
+        except (FileNotFoundError, ValueError, RunDirInUse) as err:
+            raise UsageError(str(err).splitlines()[0]) from None
         return _exit_code(outcome)
 
     try:
@@ -157,7 +160,7 @@ def cmd_train(args) -> int:
     try:
         outcome = run_training(config, total, run_dir, address=args.address,
                                run_info={"config_file": args.config, "overrides": overrides})
-    except ValueError as err:
+    except (ValueError, RunDirInUse) as err:
         raise UsageError(str(err)) from None
     return _exit_code(outcome)
 
@@ -173,7 +176,7 @@ def cmd_evaluate(args) -> int:
     from rllib_cvpo.policy import CheckpointError, load_policy
 
     try:
-        policy = load_policy(args.checkpoint)
+        policy = load_policy(args.checkpoint, which="latest" if args.latest else "best")
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     from rllib_cvpo.cvpo.evaluate import run_episodes
@@ -242,6 +245,7 @@ def cmd_envs(args) -> int:
 
 # -- sweep, report, serve -----------------------------------------------------------------------------------------
 def cmd_sweep(args) -> int:
+    from rllib_cvpo.checkpoints import RunDirInUse
     from rllib_cvpo.sweep import load_sweep, run_sweep
     from rllib_cvpo.training import ConfigFileError
 
@@ -251,7 +255,7 @@ def cmd_sweep(args) -> int:
         raise UsageError(str(err)) from None
     try:
         grid = run_sweep(spec, args.storage, address=args.address, resume=args.resume)
-    except (FileNotFoundError, FileExistsError) as err:
+    except (FileNotFoundError, FileExistsError, RunDirInUse) as err:
         raise UsageError(str(err)) from None
     except ValueError as err:
         raise UsageError(str(err).splitlines()[0]) from None

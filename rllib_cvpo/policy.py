@@ -17,16 +17,14 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from rllib_cvpo.checkpoints import MANIFEST_FILE, CheckpointError, incomplete_reason
+
 METADATA_FILE = "cvpo_metadata.json"
 MODULE_SUBDIR = Path("learner_group", "learner", "rl_module", "default_policy")
 
 
-class CheckpointError(ValueError):
-    """A path that is not a readable CVPO checkpoint (or run directory holding one)."""
-
-
 def is_checkpoint(path: Path) -> bool:
-    return (path / "rllib_checkpoint.json").is_file()
+    return (path / "rllib_checkpoint.json").is_file() or (path / MANIFEST_FILE).is_file()
 
 
 def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
@@ -37,6 +35,10 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {str(path)!r} does not exist")
     if is_checkpoint(p):
+        reason = incomplete_reason(p)
+        if reason is not None:
+            raise CheckpointError(f"incomplete checkpoint {str(path)!r}: {reason} (a save or a deletion was cut "
+                                  "short; the run directory's other checkpoints may be complete)")
         return p
     if p.is_dir():
         from rllib_cvpo.runs import find_checkpoints

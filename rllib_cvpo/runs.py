@@ -15,6 +15,8 @@ from typing import Dict, List, Optional
 
 import pandas as pd
 
+from rllib_cvpo.checkpoints import complete_checkpoints
+
 RUN_FILE = "run.json"
 SUMMARY_COLUMNS = [
     "env_steps", "episode_return", "episode_cost", "episode_over_limit", "eval_return", "eval_cost",
@@ -58,7 +60,8 @@ def read_results(trial_dir: str | Path) -> pd.DataFrame:
 
 
 def _checkpoint_dirs(trial: Path) -> List[Path]:
-    return sorted(p for p in trial.glob("checkpoint_*") if (p / "rllib_checkpoint.json").is_file())
+    """The trial's complete checkpoints, oldest first (one a kill cut short is never used)."""
+    return complete_checkpoints(trial)
 
 
 def checkpoint_summary(checkpoint: Path) -> Dict:

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
+from rllib_cvpo.checkpoints import run_dir_lock
 from rllib_cvpo.runs import find_checkpoints, read_results, trial_dirs
 from rllib_cvpo.training import ConfigFileError, config_keys, read_yaml
 
@@ -166,15 +167,23 @@ def run_sweep(spec: SweepSpec, storage: str, address: Optional[str] = None, resu
     does not repeat finished trials."""
     import os
 
-    from ray import tune
-
-    from rllib_cvpo.cvpo.cvpo import CVPO
     from rllib_cvpo.training import _init_ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     _init_ray(address)
     storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
     path = f"{storage.rstrip('/')}/{spec['name']}"
+    if "://" in storage:
+        return _run_sweep(spec, storage, path, resume)
+    with run_dir_lock(path):  # one process per sweep directory (a second --resume of a live sweep is refused)
+        return _run_sweep(spec, storage, path, resume)
+
+
+def _run_sweep(spec: SweepSpec, storage: str, path: str, resume: bool):
+    from ray import tune
+
+    from rllib_cvpo.cvpo.cvpo import CVPO
+
     if resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"cannot resume: no sweep at {path!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -16,6 +17,7 @@ from typing import Any, Dict, Mapping, Optional
 from ray.tune import Callback
 
 from rllib_cvpo import DEFAULT_ENV, DEFAULT_TOTAL_ENV_STEPS  # noqa: F401 - re-exported
+from rllib_cvpo.checkpoints import run_dir_lock
 from rllib_cvpo.runs import RUN_FILE, find_checkpoints, plot_runs, read_results, summary_table, trial_dirs
 
 
@@ -265,17 +267,23 @@ def run_training(config, total_env_steps: int, run_dir: Path, address: Optional[
                  run_info: Optional[Dict[str, Any]] = None, stream=None) -> Dict[str, Any]:
     """Train ``config`` for ``total_env_steps`` env steps as one Tune trial whose experiment directory is
     ``run_dir``. Returns a dict with ``status`` ("finished", "interrupted" or "error"), ``checkpoints`` and
-    ``results`` (a DataFrame)."""
-    from ray import tune
-
-    from rllib_cvpo.cvpo.cvpo import CVPO
-
+    ``results`` (a DataFrame). Raises :class:`~rllib_cvpo.checkpoints.RunDirInUse` if another process trains
+    in ``run_dir``."""
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     info = dict(run_info or {})
     info.update(env=config.env, cost_limit=config.cost_limit, total_env_steps=int(total_env_steps),
                 seed=config.seed, num_env_runners=config.num_env_runners)
-    (run_dir / RUN_FILE).write_text(json.dumps(info, indent=1, default=str))
+    with run_dir_lock(run_dir):
+        (run_dir / RUN_FILE).write_text(json.dumps(info, indent=1, default=str))
+        return _run_new(config, total_env_steps, run_dir, address, stream)
+
+
+def _run_new(config, total_env_steps: int, run_dir: Path, address: Optional[str], stream) -> Dict[str, Any]:
+    from ray import tune
+
+    from rllib_cvpo.cvpo.cvpo import CVPO
+
     _init_ray(address)
     _check_resources(config, address)
     limit = float(sum(config.cost_limits.values()))
@@ -313,9 +321,22 @@ def resume_training(run_dir: Path, address: Optional[str] = None, stream=None) -
     if not (run_dir / "tuner.pkl").is_file():
         raise FileNotFoundError(f"cannot resume {str(run_dir)!r}: not a run directory of `rllib-cvpo train` "
                                 "(no tuner.pkl)")
+    if (run_dir / "tuner.pkl").stat().st_size == 0:
+        raise ValueError(f"cannot resume {str(run_dir)!r}: its tuner.pkl is unreadable (an empty file); the "
+                         "checkpoints under it can still be evaluated or served")
     info = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
-    _init_ray(address)
-    tuner = tune.Tuner.restore(str(run_dir), trainable=CVPO, resume_unfinished=True, resume_errored=True)
+    with run_dir_lock(run_dir):  # one writer per run directory: a second --resume of a live run is refused
+        _init_ray(address)
+        try:
+            tuner = tune.Tuner.restore(str(run_dir), trainable=CVPO, resume_unfinished=True, resume_errored=True)
+        except (EOFError, pickle.UnpicklingError, AttributeError, ImportError) as err:
+            raise ValueError(f"cannot resume {str(run_dir)!r}: its tuner.pkl is unreadable ({type(err).__name__}: "
+                             f"{err or 'empty file'}); the checkpoints under it can still be evaluated or served"
+                             ) from None
+        return _resume(tuner, run_dir, info, stream)
+
+
+def _resume(tuner, run_dir: Path, info: Dict[str, Any], stream) -> Dict[str, Any]:
     limit = info.get("cost_limit", 25.0)
     limit = float(sum(limit.values())) if isinstance(limit, dict) else float(limit)
     # The restored experiment brings its own callbacks (progress bar, graceful interrupt); an unfinished step count

@@ -1,7 +1,14 @@
 """Helpers shared by tests (the tests directory is on sys.path under pytest)."""
 
+import json
+import os
+import pickle
 import socket
+import subprocess
+import sys
 import textwrap
+import time
+from pathlib import Path
 
 from rllib_cvpo import CVPOConfig
 
@@ -50,3 +57,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- the command, as a user runs it (a subprocess), and what it writes -------------------------------------------
+CLI = [sys.executable, "-m", "rllib_cvpo.cli"]
+
+
+def run_cli(*args, timeout=600, env=None, **kw):
+    env = dict(os.environ if env is None else env, PYTHONWARNINGS="ignore")
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def gcs_address(ray):
+    """The shared test Ray's address, for a command's --address."""
+    return ray.get_runtime_context().gcs_address
+
+
+def trial_results(run_dir: Path):
+    """(the trial directory, every result.json row, repeats included) of a single-trial run directory."""
+    trial = next(p for p in Path(run_dir).iterdir() if (p / "result.json").is_file())
+    rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+    return trial, rows
+
+
+def wait_for(predicate, timeout, what, proc=None):
+    """Poll ``predicate`` every 0.5 s; fail if ``proc`` ends first or ``timeout`` seconds pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def learner_state(checkpoint: Path):
+    """CVPO's learner state (duals, update counter, env steps) in a checkpoint."""
+    with open(Path(checkpoint) / "learner_group" / "learner" / "state.pkl", "rb") as fh:
+        return pickle.load(fh)["cvpo_state"]

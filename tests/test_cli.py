@@ -12,13 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import SMALL_SETTINGS
-
-CLI = [sys.executable, "-m", "rllib_cvpo.cli"]
-
-def run_cli(*args, timeout=600, **kw):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+from helpers import CLI, SMALL_SETTINGS, run_cli
+from helpers import gcs_address as _address
+from helpers import learner_state as _learner_state
+from helpers import trial_results as _results
+from helpers import wait_for as _wait_for
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +59,12 @@ def test_corrupt_checkpoint_is_one_line_and_exit_2(tmp_path):
     module_dir.mkdir(parents=True)
     (ckpt / "rllib_checkpoint.json").write_text('{"checkpoint_version": "2.1"}')
     (ckpt / "class_and_ctor_args.pkl").write_bytes(b"not a pickle")
+    (ckpt / "algorithm_state.pkl").write_bytes(b"not a pickle")
     (module_dir / "module_state.pkl").write_bytes(b"\x00garbage")
     assert_usage_error(run_cli("evaluate", ckpt), "unreadable checkpoint", str(ckpt))
+    # A checkpoint whose rllib_checkpoint.json a crash cut short is named incomplete, not loaded.
+    (ckpt / "rllib_checkpoint.json").write_text('{"checkpoint_vers')
+    assert_usage_error(run_cli("evaluate", ckpt), "incomplete checkpoint", "rllib_checkpoint.json is unreadable")
 
 
 def test_unknown_config_key_names_file_line_and_key(tmp_path):
@@ -96,16 +98,6 @@ def test_envs_lists_tasks_with_sizes_and_length():
 
 
 # -- end to end ----------------------------------------------------------------------------------------------------
-def _address(ray_local):
-    return ray_local.get_runtime_context().gcs_address
-
-
-def _results(run_dir: Path):
-    trial = next(p for p in run_dir.iterdir() if (p / "result.json").is_file())
-    rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
-    return trial, rows
-
-
 def test_train_checkpoint_evaluate_plot_end_to_end(ray_local, small_yaml, tmp_path):
     proc = run_cli("train", "--env", "SpeedLimit-v0", "--total-env-steps", 3000, "--env-runners", 0, "--seed", 1,
                    "--config", small_yaml, "--output", tmp_path, "--name", "e2e", "--address", _address(ray_local))
@@ -166,24 +158,6 @@ def test_train_checkpoint_evaluate_plot_end_to_end(ray_local, small_yaml, tmp_pa
     assert np.abs(imageio.imread(png2).astype(float) - image).mean() > 1  # the grey curves are there
     pl = run_cli("plot", run_dir, "--baseline", tmp_path / "nope", "--out", png2)
     assert pl.returncode == 2 and "run directory not found" in pl.stderr and "nope" in pl.stderr
-
-
-def _wait_for(predicate, timeout, what, proc=None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _learner_state(checkpoint: Path):
-    import pickle
-
-    with open(checkpoint / "learner_group" / "learner" / "state.pkl", "rb") as fh:
-        return pickle.load(fh)["cvpo_state"]
 
 
 def test_interrupt_and_crash_then_resume_continue_steps_and_duals(ray_local, small_yaml, tmp_path):

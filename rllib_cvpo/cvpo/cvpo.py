@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import numpy as np
@@ -31,6 +32,7 @@ from ray.rllib.utils.metrics import (
 )
 from ray.util.debug import log_once
 
+from rllib_cvpo.checkpoints import CheckpointError, complete_checkpoints, incomplete_reason, read_manifest, write_manifest
 from rllib_cvpo.cvpo.callbacks import CostMetricsCallback
 from rllib_cvpo.cvpo.estep import qc_threshold
 from rllib_cvpo.cvpo.feedback import SOURCES as FEEDBACK_SOURCES, THRESHOLD_OFFSET, update_offset
@@ -648,11 +650,11 @@ class CVPO(Algorithm):
     @override(Algorithm)
     def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
         """As RLlib's, plus ``cvpo_metadata.json`` (env, spaces, cost limits, env steps, the last iteration's summary)
-        for loading, serving and reports without unpickling the algorithm."""
+        for loading, serving and reports without unpickling the algorithm, and, written last, the manifest that
+        tells a complete checkpoint from one a kill cut short (``rllib_cvpo.checkpoints``)."""
         path = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
         if filesystem is None:
             import json
-            from pathlib import Path
 
             from rllib_cvpo.policy import METADATA_FILE
 
@@ -671,7 +673,42 @@ class CVPO(Algorithm):
                 meta["action_low"] = act_space.low.astype(float).tolist()
                 meta["action_high"] = act_space.high.astype(float).tolist()
             Path(path, METADATA_FILE).write_text(json.dumps(meta, indent=1, default=float))
+            # Last: the list of what a complete copy of this checkpoint holds (rllib_cvpo.checkpoints).
+            write_manifest(path, training_iteration=int(self.iteration), time_total_s=float(self._time_total or 0.0))
         return path
+
+    @override(Algorithm)
+    def restore(self, checkpoint_path, *args, **kwargs):
+        """Tune's restore, from the newest complete checkpoint when the one asked for is not complete: a kill during
+        a save or a rotation can leave Tune's experiment state naming a checkpoint that was never fully copied or
+        was half deleted (``rllib_cvpo.checkpoints``). The iteration and time then come from the checkpoint used."""
+        import logging
+
+        import ray.tune
+        from ray.train._internal.session import _TrainingResult
+
+        result = checkpoint_path
+        if isinstance(result, str):
+            result = ray.tune.Checkpoint.from_directory(result)
+        if isinstance(result, ray.tune.Checkpoint):
+            result = _TrainingResult(checkpoint=result, metrics={})
+        checkpoint = getattr(result, "checkpoint", None)
+        if checkpoint is not None and checkpoint.filesystem.type_name == "local":
+            asked = Path(checkpoint.path)
+            reason = incomplete_reason(asked)
+            if reason is not None:
+                candidates = complete_checkpoints(asked.parent)
+                if not candidates:
+                    raise CheckpointError(f"cannot restore {str(asked)!r}: {reason}, and {str(asked.parent)!r} "
+                                          "holds no complete checkpoint")
+                chosen = candidates[-1]
+                manifest = read_manifest(chosen)
+                logging.getLogger(__name__).warning(
+                    "checkpoint %s is incomplete (%s): restoring from %s instead", asked, reason, chosen)
+                metrics = {"training_iteration": int(manifest.get("training_iteration", 0)),
+                           "time_total_s": float(manifest.get("time_total_s", 0.0))}
+                result = _TrainingResult(checkpoint=ray.tune.Checkpoint.from_directory(str(chosen)), metrics=metrics)
+        return super().restore(result, *args, **kwargs)
 
     @override(Algorithm)
     def get_state(self, components=None, *, not_components=None, **kwargs) -> Dict[str, Any]:

@@ -1,0 +1,173 @@
+"""A run killed at controlled points of a checkpoint save and of a checkpoint rotation (tests/failpoints), then
+evaluated and resumed; one writer per run directory.
+
+Each killed run starts its own Ray (no --address), so that SIGKILL takes down the command and every process of its
+Ray at once, as a machine losing power or an OOM kill of the session would; the resumes join the tests' shared Ray.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from helpers import CLI, SMALL_SETTINGS, gcs_address, learner_state, run_cli, trial_results, wait_for
+
+from rllib_cvpo.checkpoints import LOCK_FILE, complete_checkpoints, incomplete_reason
+from rllib_cvpo.runs import read_results
+
+FAILPOINTS = Path(__file__).parent / "failpoints"
+TOTAL = 6000  # 1000 env steps per iteration (SMALL_SETTINGS): 6 iterations, a checkpoint after each
+
+
+@pytest.fixture(scope="module")
+def small_yaml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "small.yaml"
+    path.write_text(SMALL_SETTINGS)
+    return path
+
+
+def kill_run_at(failpoint: str, run_dir: Path, small_yaml: Path) -> None:
+    """Train in ``run_dir`` with ``failpoint`` armed, wait until a process of the run reaches it, then SIGKILL the
+    command and every process of its Ray (all carry a tag in their environment)."""
+    tag = uuid.uuid4().hex
+    marker = run_dir.parent / f"{run_dir.name}.failpoint"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", RLLIB_CVPO_FAILPOINT=failpoint,
+               RLLIB_CVPO_FAILPOINT_MARKER=str(marker), RLLIB_CVPO_FAULT_TAG=tag,
+               PYTHONPATH=os.pathsep.join([str(FAILPOINTS), os.environ.get("PYTHONPATH", "")]))
+    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
+    args = ["train", "--env", "SpeedLimit-v0", "--total-env-steps", TOTAL, "--env-runners", 0, "--config",
+            small_yaml, "--output", run_dir.parent, "--name", run_dir.name]
+    proc = subprocess.Popen([*CLI, *map(str, args)],
+                            stdout=log, stderr=subprocess.STDOUT, env={k: str(v) for k, v in env.items()},
+                            start_new_session=True)
+    try:
+        wait_for(marker.exists, 600, f"the failpoint {failpoint}", proc)
+    finally:
+        victims = tagged_processes(tag)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+        wait_for(lambda: not tagged_processes(tag), 60, "the killed run's processes to go")
+    assert proc.pid in victims and len(victims) > 3  # the command, and its Ray (GCS, raylet, workers)
+
+
+def recorded_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint Tune's experiment state names as the trial's latest (what a resume hands the trainable)."""
+    from ray.tune.utils.serialization import TuneFunctionDecoder
+
+    (state_file,) = run_dir.glob("experiment_state-*.json")
+    trial = json.loads(state_file.read_text())["trial_data"][0][1]
+    manager = json.loads(trial, cls=TuneFunctionDecoder, allow_cloudpickle=True)["checkpoint_manager"]
+    return Path(manager.latest_checkpoint_result.checkpoint.path)
+
+
+def tagged_processes(tag: str) -> list:
+    """The pids of live processes whose environment carries RLLIB_CVPO_FAULT_TAG=tag (read from /proc)."""
+    needle = f"RLLIB_CVPO_FAULT_TAG={tag}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    with open(f"/proc/{entry}/stat") as st:
+                        if st.read().rsplit(")", 1)[1].split()[0] != "Z":  # zombies are already dead
+                            pids.append(int(entry))
+        except OSError:
+            pass
+    return pids
+
+
+def resume_to_the_end(run_dir: Path, address: str) -> None:
+    """Resume the killed run to its end: it must continue from the newest complete checkpoint (its env steps, its
+    learner state), keep every iteration logged before the kill, and number iterations and env steps consistently."""
+    trial, _ = trial_results(run_dir)
+    before = read_results(trial)
+    newest = complete_checkpoints(trial)[-1]
+    saved = learner_state(newest)
+    final = run_cli("train", "--resume", run_dir, "--address", address)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    assert "Traceback" not in final.stdout + final.stderr
+    _, rows = trial_results(run_dir)
+    last = {r["training_iteration"]: r for r in rows}  # a re-run iteration keeps its latest row
+    steps = {i: r["cvpo"]["env_steps"] for i, r in last.items()}
+    assert all(s == 1000 * i for i, s in steps.items()), steps  # iteration numbers and env steps agree
+    assert max(steps.values()) == TOTAL
+    assert all(steps[i] == s for i, s in zip(before["training_iteration"], before["env_steps"]))
+    # The first iteration after the resume continued the newest complete checkpoint: its env steps, and its
+    # learner's update count plus exactly one iteration's updates (1000 env steps x 0.25).
+    first = last[min(set(last) - set(before["training_iteration"]))]
+    assert first["cvpo"]["env_steps"] == saved["__env_steps__"] + 1000
+    assert first["learners"]["default_policy"]["num_cvpo_updates"] == saved["default_policy"]["num_updates"] + 250
+    assert learner_state(complete_checkpoints(trial)[-1])["__env_steps__"] == TOTAL
+
+
+def test_kill_during_a_checkpoint_save_then_evaluate_and_resume(ray_local, small_yaml, tmp_path):
+    run_dir = tmp_path / "killed_in_save"
+    kill_run_at("save:3", run_dir, small_yaml)  # the third checkpoint (after iteration 3) is half copied
+    trial, _ = trial_results(run_dir)
+    cut = trial / "checkpoint_000002"
+    assert cut.is_dir() and incomplete_reason(cut) is not None  # the failpoint left it half written
+    complete = complete_checkpoints(trial)
+    assert complete and cut not in complete
+    newest = complete[-1]
+    assert learner_state(newest)["__env_steps__"] == 2000
+    # evaluate and load_policy take the newest complete checkpoint; the half-copied one, named, is refused.
+    ev = run_cli("evaluate", run_dir, "--latest", "--episodes", 1, "--json")
+    assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-2000:]
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["checkpoint"] == str(newest)
+    bad = run_cli("evaluate", cut)
+    assert bad.returncode == 2 and "incomplete checkpoint" in bad.stderr, bad.stderr[-2000:]
+    resume_to_the_end(run_dir, gcs_address(ray_local))
+
+
+def test_kill_during_a_checkpoint_rotation_then_resume(ray_local, small_yaml, tmp_path):
+    run_dir = tmp_path / "killed_in_rotation"
+    kill_run_at("rotate:1", run_dir, small_yaml)  # the first checkpoint the rotation deletes is half deleted
+    trial, _ = trial_results(run_dir)
+    half = [p for p in trial.glob("checkpoint_*") if incomplete_reason(p) is not None]
+    assert len(half) == 1 and not (half[0] / "learner_group").exists()
+    # Tune's experiment state still names the half-deleted checkpoint as the one to restore (its snapshot came
+    # before the rotation): the resume must take the newest complete one instead.
+    assert recorded_checkpoint(run_dir) == half[0]
+    resume_to_the_end(run_dir, gcs_address(ray_local))
+
+
+def test_a_second_resume_of_a_live_run_is_refused(ray_local, small_yaml, tmp_path):
+    run_dir = tmp_path / "live"
+    log = open(tmp_path / "live.log", "w")
+    args = ["train", "--env", "SpeedLimit-v0", "--total-env-steps", 3000, "--env-runners", 0, "--config", small_yaml,
+            "--output", tmp_path, "--name", "live", "--address", gcs_address(ray_local)]
+    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: (run_dir / "tuner.pkl").exists(), 300, "the run to start", proc)
+        second = run_cli("train", "--resume", run_dir, "--address", gcs_address(ray_local))
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        assert f"is in use by another rllib-cvpo process (pid {proc.pid})" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        assert proc.wait(timeout=600) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The lock went with its process: the finished run can be resumed (it has nothing left to do).
+    again = run_cli("train", "--resume", run_dir, "--address", gcs_address(ray_local))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert (run_dir / LOCK_FILE).is_file()
+
+
+def test_a_run_whose_tuner_state_is_empty_is_refused_in_one_line(tmp_path):
+    run_dir = tmp_path / "empty_state"
+    run_dir.mkdir()
+    (run_dir / "tuner.pkl").write_bytes(b"")
+    proc = run_cli("train", "--resume", run_dir)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tuner.pkl is unreadable" in lines[0] and "Traceback" not in proc.stderr
