@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train CVPO on a task (through Ray Tune, on an embedded local Ray by default)")
-    train.add_argument("--env", default=None, help=f"task id (default {DEFAULT_ENV}; `rllib-cvpo envs` lists them)")
+    train.add_argument("--env", default=None, help=f"task id (default {DEFAULT_ENV}; `rllib-cvpo envs` lists them), "
+                       "or MODULE:ENV_ID for an env that importing MODULE registers with gymnasium")
+    train.add_argument("--import", dest="import_module", default=None, metavar="MODULE",
+                       help="import MODULE first, which registers --env (the same as --env MODULE:ENV_ID)")
     train.add_argument("--cost-limit", type=_cost_limit, default=None, help="episodic cost limit d (default 25)")
     train.add_argument("--total-env-steps", type=_positive_int, default=None,
                        help=f"env steps to train (default {DEFAULT_TOTAL_ENV_STEPS})")
@@ -76,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="deterministic episodes of a trained policy")
     ev.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its best feasible checkpoint)")
     ev.add_argument("--episodes", type=_positive_int, default=10)
+    ev.add_argument("--import", dest="import_module", default=None, metavar="MODULE",
+                    help="import MODULE first, which registers the checkpoint's env with gymnasium")
     ev.add_argument("--latest", action="store_true",
                     help="for a run directory: its latest checkpoint instead of its best feasible one")
     ev.add_argument("--seed", type=int, default=0, help="seed of the first episode (then seed+1, ...)")
@@ -129,6 +134,11 @@ def cmd_train(args) -> int:
             raise UsageError(str(err).splitlines()[0]) from None
         return _exit_code(outcome)
 
+    if args.import_module:
+        if args.env is None or ":" in args.env:
+            raise UsageError(f"--import {args.import_module} names the module that registers --env: give --env "
+                             f"ENV_ID (got {args.env!r}), or drop --import and give --env MODULE:ENV_ID")
+        args.env = f"{args.import_module}:{args.env}"  # gymnasium's form: every process imports the module
     try:
         overrides = load_config_file(args.config) if args.config else {}
     except ConfigFileError as err:
@@ -151,7 +161,7 @@ def cmd_train(args) -> int:
         raise UsageError(str(err)) from None
     except (ValueError, TypeError) as err:
         raise UsageError(str(err).splitlines()[0]) from None
-    name = args.name or f"{config.env}_seed{config.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.name or f"{config.env.split(':')[-1]}_seed{config.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(args.output).resolve() / name
     if (run_dir / "tuner.pkl").exists():
         raise UsageError(f"run directory {str(run_dir)!r} exists: use --resume {run_dir} or another --name")
@@ -165,6 +175,15 @@ def cmd_train(args) -> int:
     return _exit_code(outcome)
 
 
+def _import(module: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise UsageError(f"--import {module}: {err}") from None
+
+
 def _exit_code(outcome) -> int:
     return {"finished": 0, "interrupted": 130, "error": 1}[outcome["status"]]
 
@@ -175,6 +194,8 @@ def cmd_evaluate(args) -> int:
 
     from rllib_cvpo.policy import CheckpointError, load_policy
 
+    if args.import_module:
+        _import(args.import_module)
     try:
         policy = load_policy(args.checkpoint, which="latest" if args.latest else "best")
     except CheckpointError as err:

@@ -170,7 +170,7 @@ def run_sweep(spec: SweepSpec, storage: str, address: Optional[str] = None, resu
     from rllib_cvpo.training import _init_ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    _init_ray(address)
+    _init_ray(address, spec.get("env"))
     storage = storage if "://" in storage else str(Path(storage).expanduser().resolve())
     path = f"{storage.rstrip('/')}/{spec['name']}"
     if "://" in storage:

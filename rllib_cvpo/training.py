@@ -222,15 +222,32 @@ class GracefulInterrupt(Callback):
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
-def _init_ray(address: Optional[str]) -> None:
+def user_modules(env_id: Any) -> list:
+    """The user's own module behind a ``module:EnvId`` env id (imported here), to ship to the Ray workers with Ray's
+    ``py_modules``; none for plain ids and for modules installed in site-packages (present wherever the package is)."""
+    if not isinstance(env_id, str) or ":" not in env_id:
+        return []
+    from rllib_cvpo.envs.factory import import_env_module
+
+    import_env_module(env_id)
+    top = sys.modules[env_id.split(":")[0].split(".")[0]]
+    where = str(getattr(top, "__file__", "") or "")
+    return [] if not where or "site-packages" in where or "dist-packages" in where else [top]
+
+
+def _init_ray(address: Optional[str], env_id: Any = None) -> None:
+    """Start a local Ray (or join ``address``) for this process. For a ``module:EnvId`` env whose module is the
+    user's own, the module travels to every worker (Ray's runtime env ``py_modules``): the trial, the EnvRunners
+    and the learners import it there, on this machine or on a cluster."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, silent at verbose=0: our bar instead
+    modules = user_modules(env_id)
     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
-             logging_level="ERROR")
+             logging_level="ERROR", runtime_env={"py_modules": modules} if modules else None)
 
 
 def _check_resources(config, address: Optional[str]) -> None:
@@ -284,7 +301,7 @@ def _run_new(config, total_env_steps: int, run_dir: Path, address: Optional[str]
 
     from rllib_cvpo.cvpo.cvpo import CVPO
 
-    _init_ray(address)
+    _init_ray(address, config.env)
     _check_resources(config, address)
     limit = float(sum(config.cost_limits.values()))
     interrupt = GracefulInterrupt()
@@ -326,7 +343,7 @@ def resume_training(run_dir: Path, address: Optional[str] = None, stream=None) -
                          "checkpoints under it can still be evaluated or served")
     info = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
     with run_dir_lock(run_dir):  # one writer per run directory: a second --resume of a live run is refused
-        _init_ray(address)
+        _init_ray(address, info.get("env"))
         try:
             tuner = tune.Tuner.restore(str(run_dir), trainable=CVPO, resume_unfinished=True, resume_errored=True)
         except (EOFError, pickle.UnpicklingError, AttributeError, ImportError) as err:

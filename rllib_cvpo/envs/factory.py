@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 from typing import Any
 
 import gymnasium as gym
@@ -56,8 +57,31 @@ def _unknown(env_id: str) -> UnknownEnvError:
     )
 
 
+def import_env_module(env_id: str) -> str:
+    """For gymnasium's ``module:EnvId`` form, import ``module`` (which registers ``EnvId``) and return ``EnvId``;
+    a plain id comes back unchanged. Works in any process, so remote EnvRunners resolve the id the same way."""
+    if not isinstance(env_id, str) or ":" not in env_id:
+        return env_id
+    module, _, name = env_id.partition(":")
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise UnknownEnvError(f"env id {env_id!r}: cannot import module {module!r} ({err}); it must be importable "
+                              "(on PYTHONPATH or in the working directory)") from None
+    return name
+
+
+def user_env_spec(env_id: str) -> "gym.envs.registration.EnvSpec | None":
+    """The gymnasium spec of an id the user registered (neither built in nor safety-gymnasium's), else None."""
+    name = import_env_module(env_id)
+    if name in BUILTIN_ENVS or is_safety_gymnasium_id(name) or name not in gym.registry:
+        return None
+    return gym.spec(name)
+
+
 def episode_length(env_id: str) -> int | None:
     """The task's own episode length T (its time limit), or None if it has none."""
+    env_id = import_env_module(env_id)
     if env_id in BUILTIN_ENVS:
         return speed_limit.HORIZON
     if is_safety_gymnasium_id(env_id):
@@ -81,13 +105,15 @@ def make_env(
     Args:
         env_id: ``SpeedLimit-v0``, a safety-gymnasium single-agent id (navigation ``Safety<Robot><Task><Level>-v0``
             or velocity ``Safety<Robot>Velocity-v1``), or any registered gymnasium id whose step info reports a
-            numeric ``cost`` (checked at the first step).
+            numeric ``cost`` (checked at the first step); ``module:EnvId`` imports ``module`` first (gymnasium's
+            form), which is how an env registered by the user's own module is found in every process.
         fixed_length: by default each task keeps its own episode semantics (velocity robots that fall end the
             episode early), so results compare with published ones. True makes every episode last exactly T steps;
             after a fall the episode continues in an absorbing state with zero reward and cost (see
             :class:`~rllib_cvpo.envs.wrappers.FixedLength`).
         max_episode_steps: override the task's time limit T.
-        render_mode: e.g. ``"rgb_array"`` (MuJoCo tasks render headless through EGL).
+        render_mode: e.g. ``"rgb_array"`` (MuJoCo tasks render headless through EGL); passed to the env's
+            constructor only when given, so an env whose constructor takes no ``render_mode`` works.
         kwargs: passed to the task's constructor.
 
     Actions may be arrays, lists or tuples of the action space's shape; NaN or a wrong shape raises ``ValueError``;
@@ -95,6 +121,7 @@ def make_env(
     """
     if not isinstance(env_id, str):
         raise TypeError(f"env id must be a string, got {env_id!r}")
+    env_id = import_env_module(env_id)
     if env_id in BUILTIN_ENVS:
         if max_episode_steps is not None:
             kwargs["horizon"] = max_episode_steps
@@ -108,8 +135,10 @@ def make_env(
     else:
         if env_id.startswith("Safety") and env_id not in gym.registry:
             raise _unknown(env_id)
+        if render_mode is not None:
+            kwargs["render_mode"] = render_mode
         try:
-            env = gym.make(env_id, max_episode_steps=max_episode_steps, render_mode=render_mode, **kwargs)
+            env = gym.make(env_id, max_episode_steps=max_episode_steps, **kwargs)
         except gym.error.NameNotFound as err:
             raise _unknown(env_id) from err
         except gym.error.Error as err:
