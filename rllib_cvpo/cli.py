@@ -51,6 +51,13 @@ def _int_at_least(low: int, words: str):
 
 
 _positive_int = _int_at_least(1, "a positive integer")
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(1, "a port number from 1 to 65535")(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return value
 _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
@@ -111,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="serve a trained policy over HTTP with Ray Serve")
     sv.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its best feasible checkpoint)")
-    sv.add_argument("--port", type=_positive_int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000, help="HTTP port, 1-65535 (default 8000)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
     sv.add_argument("--replicas", type=_positive_int, default=1)
     sv.add_argument("--address", default=None, help="join an existing Ray cluster (default: a local Ray)")
@@ -318,14 +325,21 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     from rllib_cvpo.policy import CheckpointError, load_policy
-    from rllib_cvpo.serve import start
+    from rllib_cvpo.serve import port_problem, start
     from rllib_cvpo.training import _init_ray
 
+    problem = port_problem(args.host, args.port)  # before anything starts: one server per port
+    if problem:
+        raise UsageError(f"{problem}: another server (perhaps another rllib-cvpo serve) listens there; choose "
+                         "another --port")
     try:
         load_policy(args.checkpoint)  # fail here, in one line, rather than inside a replica
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     _init_ray(args.address)
+    if _serve_running():
+        raise UsageError("Ray Serve already runs on this cluster (another rllib-cvpo serve?): stop it first, or "
+                         "serve from another cluster; its HTTP port is fixed when it starts")
     stop = []
     signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
     try:
@@ -338,12 +352,23 @@ def cmd_serve(args) -> int:
         pass
     print("stopping", flush=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-    # On a shared cluster, ask the controller to remove the app and return; it finishes on its own.
-    serve.delete("cvpo", _blocking=args.address is None)
+    # This command started Serve, so it stops it: its HTTP proxy releases the port, on a shared cluster too.
+    serve.shutdown()
     if args.address is None:
-        serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _serve_running() -> bool:
+    """Whether Ray Serve's controller runs on the connected cluster."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
 def main(argv=None) -> int:

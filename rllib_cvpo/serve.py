@@ -1,26 +1,90 @@
-"""Serving a trained CVPO policy over HTTP with Ray Serve.
+"""Serving a trained CVPO policy over HTTP with Ray Serve (a FastAPI ingress; the OpenAPI schema is at ``/docs``).
 
     POST /  {"obs": [..]}            -> {"action": [..], "cost_value": [..]}          one observation
     POST /  {"obs": [[..], [..]]}    -> {"actions": [[..], ..], "cost_values": [[..], ..]}   a batch
     GET  /                           -> metadata: env, observation shape, action box, cost limit, env steps trained
 
 ``cost_value`` is the cost critic's Q_c(s, a) of the returned action (one per constraint): the expected discounted
-cost from here on, a safety signal to watch or gate on. Bad requests (malformed JSON, a wrong shape, NaN) get a 400
-answer with a message; the deployment keeps serving.
+cost from here on, a safety signal to watch or gate on.
+
+Concurrent single-observation requests share one forward pass (``@serve.batch``: up to ``MAX_BATCH`` observations,
+waiting at most ``BATCH_WAIT_S`` for more). Bad requests get a 4xx answer with a message and the deployment keeps
+serving: malformed JSON, nesting deeper than ``MAX_DEPTH`` or a wrong shape or NaN (400), a schema violation (422),
+a body over ``MAX_BODY_BYTES`` (413). Load is bounded: past ``MAX_QUEUED`` requests waiting per replica, Serve answers
+503 at once instead of letting latency grow without bound.
 """
 
-from __future__ import annotations
 
 import json
-from typing import Any, Dict
+from typing import Any, Dict, List, Union
 
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from typing_extensions import TypeAliasType
+
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a batch of ~100k numbers
+MAX_DEPTH = 32  # nesting of the JSON body
+MAX_BATCH = 64
+BATCH_WAIT_S = 0.002
+MAX_ONGOING = 64
+MAX_QUEUED = 256
+
+Nested = TypeAliasType("Nested", Union[float, List["Nested"]])
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, graceful_shutdown_timeout_s=2.0,
-                  graceful_shutdown_wait_loop_s=0.5)
+class ObsRequest(BaseModel):
+    """One observation (a nested list of the observation shape) or a batch of them (one more leading axis)."""
+
+    obs: Nested = Field(..., description="one observation of the policy's observation shape, or a batch [B, ...]")
+
+
+class ActionResponse(BaseModel):
+    action: List[float] = Field(..., description="the deterministic action in the env's units")
+    cost_value: List[float] = Field(..., description="Q_c(s, action) per constraint")
+
+
+class BatchResponse(BaseModel):
+    actions: List[List[float]]
+    cost_values: List[List[float]]
+
+
+app = FastAPI(title="rllib-cvpo policy", description=__doc__.split("\n\n")[0])
+
+
+def _depth(raw: bytes) -> int:
+    """The deepest nesting of [ and { in a JSON text (outside strings), in one pass without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=MAX_ONGOING,
+                  max_queued_requests=MAX_QUEUED, graceful_shutdown_timeout_s=2.0, graceful_shutdown_wait_loop_s=0.5)
+@serve.ingress(app)
 class CVPOPolicyServer:
     def __init__(self, checkpoint: str) -> None:
         import torch
@@ -30,6 +94,7 @@ class CVPOPolicyServer:
         torch.set_num_threads(1)
         self.policy = load_policy(checkpoint)
 
+    @app.get("/")
     def metadata(self) -> Dict[str, Any]:
         p = self.policy
         return {
@@ -44,30 +109,43 @@ class CVPOPolicyServer:
             "request": {"obs": "one observation (nested list of shape observation_shape) or a batch [B, ...]"},
         }
 
-    def answer(self, body: Any) -> Dict[str, Any]:
-        if not isinstance(body, dict) or "obs" not in body:
-            raise ValueError('expected a JSON object {"obs": [...]} holding one observation or a batch')
-        obs = body["obs"]
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def _act_together(self, observations: List[np.ndarray]) -> List[Dict[str, Any]]:
+        """Single observations of concurrent requests, in one forward pass."""
+        obs = np.stack(observations)
         actions = self.policy.act(obs)
         values = self.policy.cost_value(obs, actions)
-        if actions.ndim == len(self.policy.action_low.shape):
-            return {"action": actions.tolist(), "cost_value": values.tolist()}
-        return {"actions": actions.tolist(), "cost_values": values.tolist()}
+        return [{"action": a.tolist(), "cost_value": v.tolist()} for a, v in zip(actions, values)]
 
-    async def __call__(self, request: Request):
-        if request.method == "GET":
-            return JSONResponse(self.metadata())
-        if request.method != "POST":
-            return JSONResponse({"error": f"method {request.method} not allowed: use GET or POST"}, status_code=405)
+    @app.post("/", response_model=Union[ActionResponse, BatchResponse], openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ObsRequest.model_json_schema()}}}})
+    async def act(self, request: Request):
         raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            return _error(413, f"request body of {len(raw)} bytes is over the limit of {MAX_BODY_BYTES}")
+        depth = _depth(raw)
+        if depth > MAX_DEPTH:
+            return _error(400, f"JSON nested deeper than {MAX_DEPTH} levels")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as err:
-            return JSONResponse({"error": f"malformed JSON: {err}"}, status_code=400)
+            return _error(400, f"malformed JSON: {err}")
+        if not isinstance(body, dict) or "obs" not in body:
+            return _error(400, 'expected a JSON object {"obs": [...]} holding one observation or a batch')
         try:
-            return JSONResponse(self.answer(body))
+            ObsRequest.model_validate(body)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            return _error(422, f"obs must be numeric (nested lists of numbers): {first.get('msg')} at {where}")
+        try:
+            obs, single = self.policy._check_obs(body["obs"])
         except ValueError as err:
-            return JSONResponse({"error": str(err)}, status_code=400)
+            return _error(400, str(err))
+        if single:
+            return await self._act_together(obs[0])
+        actions = self.policy.act(obs)
+        return {"actions": actions.tolist(), "cost_values": self.policy.cost_value(obs, actions).tolist()}
 
 
 def build_app(checkpoint: str, num_replicas: int = 1):
@@ -76,6 +154,20 @@ def build_app(checkpoint: str, num_replicas: int = 1):
 
     path = str(resolve_checkpoint(checkpoint).resolve())
     return CVPOPolicyServer.options(num_replicas=num_replicas).bind(path)
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served on (in use, or not an address of this machine), or None."""
+    import socket
+
+    if not 1 <= int(port) <= 65535:
+        return f"port {port} is out of range (1-65535)"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, int(port)))
+    except OSError as err:
+        return f"cannot listen on {host}:{port}: {err.strerror or err}"
+    return None
 
 
 def start(checkpoint: str, port: int = 8000, host: str = "127.0.0.1", name: str = "cvpo", route_prefix: str = "/",

@@ -12,9 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from helpers import free_port, small_config
-
-CLI = [sys.executable, "-m", "rllib_cvpo.cli"]
+from helpers import CLI, free_port, run_cli, small_config
 
 
 def _request(url, body=None, raw=None):
@@ -25,7 +23,11 @@ def _request(url, body=None, raw=None):
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        text = err.read()
+        try:
+            return err.code, json.loads(text)
+        except ValueError:  # e.g. Serve's own 503 under backpressure is plain text
+            return err.code, {"error": text.decode(errors="replace")}
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +94,39 @@ def test_served_policy_answers_like_evaluate_and_survives_bad_requests(ray_local
             status, good = _request(url, {"obs": batch[1].tolist()})  # still serving
             assert status == 200 and len(good["action"]) == 2
 
-        # A burst of concurrent requests: every one answered, correctly.
+        # Limits: nesting and size give 4xx, never a 500; the OpenAPI schema documents the request.
+        deep = b'{"obs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        status, answer = _request(url, raw=deep)
+        assert status == 400 and "nested deeper than 32 levels" in answer["error"]
+        huge = json.dumps({"obs": [[0.5, 0.0]] * 700_000}).encode()
+        status, answer = _request(url, raw=huge)
+        assert status == 413 and "over the limit" in answer["error"], (status, answer)
+        with urllib.request.urlopen(url + "openapi.json", timeout=30) as resp:
+            schema = json.loads(resp.read())
+        assert "obs" in json.dumps(schema["paths"]["/"]["post"]["requestBody"])
+
+        # A second server on the same port is refused in one line before anything starts; the first keeps serving.
+        second = run_cli("serve", checkpoint, "--port", port, "--address", ray_local.get_runtime_context().gcs_address,
+                         timeout=120)
+        assert second.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in second.stderr, second.stderr[-2000:]
+        assert len(second.stderr.strip().splitlines()) == 1
+        status, again = _request(url, {"obs": batch[0].tolist()})
+        assert status == 200 and again["action"] == one["action"]
+
+        # A burst of concurrent requests shares forward passes (@serve.batch): every one answered, correctly.
         with ThreadPoolExecutor(max_workers=32) as pool:
             answers = list(pool.map(lambda i: _request(url, {"obs": batch[i % 8].tolist()}), range(128)))
         assert all(status == 200 for status, _ in answers)
         for i, (_, answer) in enumerate(answers):
             np.testing.assert_allclose(answer["action"], many["actions"][i % 8], rtol=1e-5, atol=1e-6)  # batch vs single forward: float32 rounding
+        # 500 at once: bounded by the queue limit, each request is answered correctly or refused with 503 at once.
+        with ThreadPoolExecutor(max_workers=500) as pool:
+            flood = list(pool.map(lambda i: _request(url, {"obs": batch[i % 8].tolist()}), range(500)))
+        assert {status for status, _ in flood} <= {200, 503}, {status for status, _ in flood}
+        assert sum(status == 200 for status, _ in flood) >= 64
+        for i, (status, answer) in enumerate(flood):
+            if status == 200:
+                np.testing.assert_allclose(answer["action"], many["actions"][i % 8], rtol=1e-5, atol=1e-6)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -105,6 +134,12 @@ def test_served_policy_answers_like_evaluate_and_survives_bad_requests(ray_local
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def test_serve_rejects_a_port_out_of_range_in_one_line():
+    proc = run_cli("serve", "anything", "--port", 70000, timeout=120)
+    assert proc.returncode == 2 and "port number from 1 to 65535, got '70000'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_serve_rejects_an_unreadable_checkpoint_with_exit_2(tmp_path):
