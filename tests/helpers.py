@@ -96,3 +96,21 @@ def learner_state(checkpoint: Path):
     """CVPO's learner state (duals, update counter, env steps) in a checkpoint."""
     with open(Path(checkpoint) / "learner_group" / "learner" / "state.pkl", "rb") as fh:
         return pickle.load(fh)["cvpo_state"]
+
+
+def ray_worker_pids(ray, title: bytes):
+    """The worker processes of the tests' Ray whose process title (set by Ray) starts with ``title``, e.g.
+    b"ray::SingleAgentEnvRunner" or b"ray::CVPO": children of its raylet, read from /proc."""
+    (raylet,) = ray._private.worker._global_node.all_processes["raylet"]
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if ppid == raylet.process.pid and cmdline.startswith(title):
+            pids.append(int(entry))
+    return pids

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CLI, SMALL_SETTINGS, gcs_address, learner_state, run_cli, trial_results, wait_for
+from helpers import (CLI, SMALL_SETTINGS, gcs_address, learner_state, ray_worker_pids, run_cli, sweep_yaml,
+                     trial_results, wait_for)
 
 from rllib_cvpo.checkpoints import LOCK_FILE, complete_checkpoints, incomplete_reason
 from rllib_cvpo.runs import read_results
@@ -171,3 +172,77 @@ def test_a_run_whose_tuner_state_is_empty_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "tuner.pkl is unreadable" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_an_env_runner_killed_mid_run_is_restarted_and_the_run_completes(ray_local, small_yaml, tmp_path):
+    # kill -9 of the remote EnvRunner's process while the command trains: RLlib restarts it (restart_failed_env_runners
+    # is on, as CVPOConfig keeps it) and the run finishes with every iteration's env steps in order.
+    from rllib_cvpo import CVPOConfig
+
+    assert CVPOConfig().restart_failed_env_runners
+    run_dir = tmp_path / "runner_killed"
+    args = ["train", "--env", "SpeedLimit-v0", "--total-env-steps", 5000, "--env-runners", 1, "--config", small_yaml,
+            "--output", tmp_path, "--name", run_dir.name, "--address", gcs_address(ray_local)]
+    log = open(tmp_path / "runner_killed.log", "w")
+    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=log, stderr=subprocess.STDOUT)
+
+    def runner_pids():
+        return ray_worker_pids(ray_local, b"ray::SingleAgentEnvRunner")
+
+    try:
+        def iterations():
+            try:
+                return len(trial_results(run_dir)[1])
+            except (StopIteration, FileNotFoundError, ValueError):
+                return 0
+
+        wait_for(lambda: iterations() >= 2 and runner_pids(), 300, "two iterations", proc)
+        (victim,) = runner_pids()
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "runner_killed.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    trial, rows = trial_results(run_dir)
+    steps = read_results(trial)["env_steps"].tolist()
+    assert steps == sorted(steps) and steps[-1] >= 5000 and len(set(steps)) == len(steps)
+    assert rows[-1]["env_runners"]["num_env_steps_sampled_lifetime"] == steps[-1]
+    restarts = [r["fault_tolerance"]["num_remote_worker_restarts"] for r in rows]
+    assert restarts[0] == 0 and restarts[-1] == 1, restarts  # the killed runner was replaced, once
+    assert rows[-1]["fault_tolerance"]["num_healthy_workers"] == 1
+    checkpoints = complete_checkpoints(trial)
+    assert checkpoints and learner_state(checkpoints[-1])["__env_steps__"] == steps[-1]
+
+
+def test_a_trial_killed_in_a_sweep_is_retried_from_its_checkpoint_and_the_sweep_completes(ray_local, tmp_path):
+    from rllib_cvpo.sweep import report
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(sweep_yaml("killed_trial", 3000, tail="resources: {env_runners: 0}\nmax_concurrent_trials: 1\n"
+                                                         "max_failures: 1\n"))
+    storage = tmp_path / "store"
+    log = open(tmp_path / "sweep.log", "w")
+    proc = subprocess.Popen([*CLI, "sweep", str(path), "--storage", str(storage), "--address",
+                             gcs_address(ray_local)], stdout=log, stderr=subprocess.STDOUT)
+
+    def first_trial_checkpointed():
+        trials = sorted((storage / "killed_trial").glob("CVPO_*"))
+        return bool(trials) and bool(complete_checkpoints(trials[0])) and ray_worker_pids(ray_local, b"ray::CVPO")
+
+    try:
+        wait_for(first_trial_checkpointed, 300, "the first trial's first checkpoint", proc)
+        (victim,) = ray_worker_pids(ray_local, b"ray::CVPO")
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    trials = sorted((storage / "killed_trial").glob("CVPO_*"))
+    assert len(trials) == 2
+    assert "ActorDiedError" in (trials[0] / "error.txt").read_text()  # Tune saw the kill, then retried
+    for trial in trials:  # both complete; the killed one continued from its checkpoint, never from 0
+        assert read_results(trial)["env_steps"].tolist() == [1000, 2000, 3000]
+    first_rows = [json.loads(x) for x in (trials[0] / "result.json").read_text().splitlines() if x.strip()]
+    assert [r["cvpo"]["env_steps"] for r in first_rows][0] == 1000
+    assert sum(r["cvpo"]["env_steps"] == 1000 for r in first_rows) == 1
+    assert report(storage / "killed_trial")["best"] is not None
