@@ -55,9 +55,14 @@ def test_fix4_make_returns_six_tuple_with_time_limit_and_checker(sg):
     assert len(out) == 6 and isinstance(out[2], float)
 
 
-def test_fix5_numpy_is_below_2_4_and_car_robots_build(sg):
-    major, minor = (int(p) for p in np.__version__.split(".")[:2])
-    assert (major, minor) < (2, 4)
+def test_fix5_numpy_is_below_2_4_and_car_robots_build(sg, monkeypatch):
+    from rllib_cvpo.envs.compat import check_numpy
+
+    check_numpy()  # the installed numpy passes
+    monkeypatch.setattr(np, "__version__", "2.4.1")
+    with pytest.raises(ImportError, match=r"numpy 2.4.1 breaks safety-gymnasium's Car robots .*pip install numpy==2.3"):
+        check_numpy()
+    monkeypatch.undo()
     env = sg.make("SafetyCarGoal1-v0")
     env.reset(seed=0)
     env.step(env.action_space.sample())

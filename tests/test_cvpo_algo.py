@@ -95,6 +95,7 @@ def test_save_restore_and_continue(ray_local, tmp_path):
         weights, optim, duals = _learner_state(algo)
         assert duals["num_updates"] > 0 and duals["alpha_mu"] >= 0
         buffer_len, buffer_sample = len(algo.replay), algo.replay._data["obs"][: len(algo.replay)].copy()
+        algo_credit = algo._update_credit
         path = algo.save_to_path(str(tmp_path / "ckpt"))
     finally:
         algo.stop()
@@ -111,14 +112,19 @@ def test_save_restore_and_continue(ray_local, tmp_path):
         for name in optim:
             a, b = optim[name]["state"], r_optim[name]["state"]
             assert a.keys() == b.keys()
-            for i in a:
-                torch.testing.assert_close(a[i]["exp_avg"], b[i]["exp_avg"], rtol=0, atol=0)
-                assert float(a[i]["step"]) == float(b[i]["step"])
+            for i in a:  # every entry of Adam's state: step, exp_avg, exp_avg_sq
+                assert a[i].keys() == b[i].keys() == {"step", "exp_avg", "exp_avg_sq"}
+                for key in a[i]:
+                    torch.testing.assert_close(a[i][key], b[i][key], rtol=0, atol=0)
         assert len(restored.replay) == buffer_len
         np.testing.assert_array_equal(restored.replay._data["obs"][:buffer_len], buffer_sample)
+        assert restored._update_credit == algo_credit and restored.iteration == 3
         result = restored.train()
-        assert result["num_env_steps_sampled_lifetime"] >= steps + 400
-        assert restored.learner_group._learner._cvpo["default_policy"]["num_updates"] > duals["num_updates"]
+        added = result["num_env_steps_sampled_lifetime"] - steps
+        assert added >= 400
+        # Exactly the updates the sampled steps earn (0.25 per env step, the fraction carried over in the credit).
+        expected = int(algo_credit + 0.25 * added)
+        assert restored.learner_group._learner._cvpo["default_policy"]["num_updates"] == duals["num_updates"] + expected
     finally:
         restored.stop()
 
@@ -139,7 +145,14 @@ def test_two_iterations_on_safety_point_goal_with_a_remote_env_runner(ray_local)
         assert result["num_env_steps_sampled_lifetime"] >= 2000
         for value in (runners["episode_return_mean"], runners["episode_cost"], learner["eta"], learner["lambda"]):
             assert math.isfinite(value)
-        assert learner["eta"] > 0 and learner["lambda"] >= 0
+        # The updates the sampled steps earned (0.25 per env step), and the E-step's exact dual: its
+        # KL(q || pi_old) is the bound wherever eta is not at a bound.
+        steps = result["num_env_steps_sampled_lifetime"]
+        # (the 100-step round that completes the warm-up counts: updates start once 500 steps are in the replay)
+        assert learner["num_cvpo_updates"] == int(0.25 * (steps - 500 + 100))
+        last = algo.learner_group._learner.last_estep["default_policy"]["solution"]
+        if not last.eta_at_bound:
+            assert last.kl == pytest.approx(config.estep_kl, rel=1e-3)
         evaluation = result["evaluation"]["env_runners"]
         assert math.isfinite(evaluation["episode_return_mean"]) and math.isfinite(evaluation["episode_cost"])
     finally:
@@ -149,6 +162,8 @@ def test_two_iterations_on_safety_point_goal_with_a_remote_env_runner(ray_local)
 def test_twin_cost_critics_train_both_heads_and_use_their_maximum(ray_local):
     algo = small_config(twin_qc=True).build_algo()
     try:
+        initial = [layer.weight.detach().clone() for layer in
+                   algo.learner_group._learner.module["default_policy"].critics._linears]
         for _ in range(2):
             result = algo.train()
         assert math.isfinite(result["learners"]["default_policy"]["lambda"])
@@ -162,5 +177,8 @@ def test_twin_cost_critics_train_both_heads_and_use_their_maximum(ray_local):
         assert heads.shape == (2, 64) and combined.shape == (1, 64)
         torch.testing.assert_close(combined[0], heads.max(0).values)
         assert not torch.allclose(heads[0], heads[1])  # two independently initialised and trained heads
+        for before, layer in zip(initial, module.critics._linears):  # members 2 and 3 are the cost heads
+            for member in (2, 3):
+                assert not torch.equal(before[member], layer.weight[member].detach()), f"cost head {member} untrained"
     finally:
         algo.stop()

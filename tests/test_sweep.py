@@ -32,11 +32,22 @@ def test_the_shipped_sweep_files_are_all_found():
 def test_shipped_sweep_files_parse_and_build(path):
     from rllib_cvpo.sweep import build_param_space
 
+    from ray.tune.search.sample import Categorical, Float
+
     spec = load_sweep(path)
     space = build_param_space(spec)
     for key, dist in spec["search"].items():
-        assert key in space and space[key] is not None
+        (kind, values), = dist.items()
+        if kind == "grid":
+            assert space[key] == {"grid_search": values}
+        elif kind == "choice":
+            assert isinstance(space[key], Categorical) and space[key].categories == values
+        else:  # uniform / loguniform: a float domain with the file's bounds
+            assert isinstance(space[key], Float) and (space[key].lower, space[key].upper) == tuple(values)
     assert space["seed"] == {"grid_search": spec["seeds"]}
+    for key, value in spec["base"].items():  # the base settings reach every trial unchanged
+        if key not in spec["search"] and key != "model_config":
+            assert space[key] == value, key
 
 
 @pytest.mark.parametrize(
