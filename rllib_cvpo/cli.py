@@ -102,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--baseline", nargs="+", default=None, metavar="RUN_DIR",
                       help="runs drawn beside them in grey, e.g. the same budget with the cost limit lifted")
 
+    ex = sub.add_parser("export", help="write the deterministic policy as a file that runs without Ray "
+                                       "(TorchScript or ONNX)")
+    ex.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its best feasible checkpoint)")
+    ex.add_argument("--out", default="policy.pt", help="file to write (default policy.pt)")
+    ex.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"],
+                    help="torchscript (torch.jit.load; needs torch only, default) or onnx (any ONNX runtime)")
+    ex.add_argument("--latest", action="store_true",
+                    help="for a run directory: its latest checkpoint instead of its best feasible one")
+
     sub.add_parser("envs", help="the supported tasks with observation and action sizes and episode length")
 
     sw = sub.add_parser("sweep", help="run a Ray Tune sweep from a YAML file (tune_configs/)")
@@ -318,6 +327,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from rllib_cvpo.export import export_policy
+    from rllib_cvpo.policy import CheckpointError
+
+    try:
+        out = export_policy(args.checkpoint, args.out, args.format, which="latest" if args.latest else "best")
+    except (CheckpointError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    how = f"torch.jit.load({str(out)!r})" if args.format == "torchscript" else "onnxruntime.InferenceSession(...)"
+    print(f"wrote {out} ({args.format}): observation [B, ...] -> action in the env's units; load with {how}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import signal
 
@@ -382,7 +404,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
         commands = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "envs": cmd_envs,
-                    "sweep": cmd_sweep, "report": cmd_report, "serve": cmd_serve}
+                    "sweep": cmd_sweep, "report": cmd_report, "serve": cmd_serve, "export": cmd_export}
         return commands[args.command](args)
     except UsageError as err:
         print(f"rllib-cvpo: error: {err}", file=sys.stderr)
