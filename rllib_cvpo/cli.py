@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remote EnvRunners (default 1; 0 samples in the learner's process)")
     train.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     train.add_argument("--config", default=None, help="YAML file of CVPOConfig settings (setting: value)")
-    train.add_argument("--output", default="runs", help="directory for run directories (default ./runs)")
+    train.add_argument("--output", default=None, help="directory for run directories (default ./runs)")
     train.add_argument("--name", default=None, help="run directory name (default <env>_seed<seed>_<time>)")
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     train.add_argument("--address", default=None, help="join an existing Ray cluster (default: a local Ray)")
@@ -141,9 +141,13 @@ def cmd_train(args) -> int:
     from rllib_cvpo.training import ConfigFileError, build_config, load_config_file, resume_training, run_training
 
     if args.resume:
-        if any(v is not None for v in (args.env, args.cost_limit, args.total_env_steps, args.config, args.seed)):
-            raise UsageError("--resume continues a run with its own settings: drop --env, --cost-limit, "
-                             "--total-env-steps, --seed and --config")
+        given = [flag for flag, value in (("--env", args.env), ("--import", args.import_module),
+                                           ("--cost-limit", args.cost_limit), ("--total-env-steps", args.total_env_steps),
+                                           ("--env-runners", args.env_runners), ("--seed", args.seed),
+                                           ("--config", args.config), ("--output", args.output),
+                                           ("--name", args.name)) if value is not None]
+        if given:
+            raise UsageError(f"--resume continues a run with its own settings and directory: drop {', '.join(given)}")
         try:
             outcome = resume_training(Path(args.resume), address=args.address)
         except (FileNotFoundError, ValueError, RunDirInUse) as err:
@@ -178,7 +182,7 @@ def cmd_train(args) -> int:
     except (ValueError, TypeError) as err:
         raise UsageError(str(err).splitlines()[0]) from None
     name = args.name or f"{config.env.split(':')[-1]}_seed{config.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(args.output).resolve() / name
+    run_dir = Path(args.output or "runs").resolve() / name
     if (run_dir / "tuner.pkl").exists():
         raise UsageError(f"run directory {str(run_dir)!r} exists: use --resume {run_dir} or another --name")
     print(f"training CVPO on {config.env}, cost limit {config.cost_limit}, {total} env steps, seed {config.seed}"

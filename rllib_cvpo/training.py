@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import sys
 import threading
@@ -147,7 +148,10 @@ class ProgressBar(Callback):
     def _draw(self, final: bool = False) -> None:
         if self.tty:
             elapsed = _clock(time.time() - self.started)
-            self.stream.write("\r" + self.line.replace("{elapsed}", elapsed)[:200].ljust(120) + ("\n" if final else ""))
+            # Cut to the terminal's width (less one column, so the line never wraps and \r redraws it in place).
+            width = max(shutil.get_terminal_size((120, 24)).columns - 1, 20)
+            line = self.line.replace("{elapsed}", elapsed)[:width]
+            self.stream.write("\r" + line.ljust(width) + ("\n" if final else ""))
             self.stream.flush()
 
     def render(self, result: Dict[str, Any]) -> str:

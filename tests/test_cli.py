@@ -87,9 +87,10 @@ def test_malformed_config_and_bad_values_are_one_line_and_exit_2(tmp_path):
 
 
 # -- envs ----------------------------------------------------------------------------------------------------------
-def test_envs_lists_tasks_with_sizes_and_length():
-    proc = run_cli("envs")
+def test_envs_lists_tasks_with_sizes_and_length(tmp_path):
+    proc = run_cli("envs", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.iterdir()) == []  # MuJoCo's warnings go to logging, not to a MUJOCO_LOG.TXT left here
     rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[1:] if line.startswith(("Safety", "Speed"))}
     assert rows["SpeedLimit-v0"] == ["2", "2", "200"]
     assert rows["SafetyPointGoal1-v0"] == ["60", "2", "1000"]
@@ -240,3 +241,30 @@ def test_best_checkpoint_is_feasible_first_then_return(tmp_path):
             {"training_iteration": i + 1, "summary": {"eval_return": ret, "eval_cost": cost, "score": score}}))
     found = find_checkpoints(tmp_path / "run")
     assert found["best"].name == "checkpoint_000002" and found["latest"].name == "checkpoint_000003"
+
+
+def test_resume_refuses_every_option_it_would_ignore(tmp_path):
+    proc = run_cli("train", "--resume", tmp_path, "--env-runners", 2, "--name", "other", "--output", tmp_path)
+    assert_usage_error(proc, "--resume continues a run with its own settings and directory: drop --env-runners, "
+                             "--output, --name")
+
+
+def test_progress_line_fits_the_terminal(monkeypatch):
+    import io
+
+    from rllib_cvpo.training import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("COLUMNS", "60")
+    out = Terminal()
+    bar = ProgressBar(100_000, 25.0, out)
+    bar.setup()
+    bar._stop.set()  # no clock thread redraws during the test
+    bar.on_trial_result(1, [], None, {"cvpo": {"env_steps": 5000, "episode_return": 12.5, "episode_cost": 30.0,
+                                               "eval_return": 15.0, "eval_cost": 10.0}})
+    drawn = [part for part in out.getvalue().split("\r") if part]
+    assert drawn and all(len(part.rstrip("\n")) == 59 for part in drawn)  # one column spare: never wraps
+    assert drawn[-1].startswith("[#") and "5000/100000" in drawn[-1]

@@ -71,6 +71,7 @@ def _load() -> types.ModuleType:
     # A previous failed import can leave half-initialised submodules behind.
     for name in [n for n in sys.modules if n == "safety_gymnasium" or n.startswith("safety_gymnasium.")]:
         del sys.modules[name]
+    _route_mujoco_warnings()
     _alias_gymnasium_wrapper_modules()  # fix 1
     with _robotics_placeholder(), _ndarray_defaults_as_factories():  # fixes 2 and 3
         sg = importlib.import_module("safety_gymnasium")
@@ -207,6 +208,24 @@ def _replace_make(sg: types.ModuleType) -> None:
 
     registration.make = make
     sg.make = make
+
+
+def _route_mujoco_warnings() -> None:
+    """MuJoCo's default warning handler appends to MUJOCO_LOG.TXT in the working directory (several velocity robots'
+    XML use the deprecated 'settotalmass'); send its warnings to Python's logging instead, once per message."""
+    import logging
+
+    import mujoco
+
+    seen: set = set()
+    log = logging.getLogger("mujoco")
+
+    def warn(message: str) -> None:
+        if message not in seen:
+            seen.add(message)
+            log.debug("MuJoCo: %s", message)
+
+    mujoco.set_mju_user_warning(warn)
 
 
 # -- fix 5 ---------------------------------------------------------------------------------------------------------
