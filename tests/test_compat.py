@@ -101,3 +101,16 @@ def test_missing_safety_gymnasium_error_gives_the_install_command(monkeypatch):
     with pytest.raises(compat.SafetyGymnasiumMissing, match=r"pip install --no-deps safety-gymnasium==1\.0\.0"):
         make_env("SafetyPointGoal1-v0")
     make_env("SpeedLimit-v0")  # the built-in task needs no safety-gymnasium
+
+
+def test_plain_import_of_safety_gymnasium_works_after_importing_rllib_cvpo():
+    import subprocess
+    import sys
+
+    script = ("import rllib_cvpo, safety_gymnasium\n"
+              "env = safety_gymnasium.make('SafetyPointGoal1-v0')\n"
+              "obs, info = env.reset(seed=0)\n"
+              "print(obs.shape, safety_gymnasium.__spec__.name)\n")
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.strip().splitlines()[-1] == "(60,) safety_gymnasium"

@@ -73,7 +73,10 @@ def _load() -> types.ModuleType:
         del sys.modules[name]
     _route_mujoco_warnings()
     _alias_gymnasium_wrapper_modules()  # fix 1
-    with _robotics_placeholder(), _ndarray_defaults_as_factories():  # fixes 2 and 3
+    import rllib_cvpo
+
+    finder = getattr(rllib_cvpo, "_SafetyGymnasiumFinder", None)  # step past rllib_cvpo's own import hook
+    with _robotics_placeholder(), _ndarray_defaults_as_factories(), _finder_off(finder):  # fixes 2 and 3
         sg = importlib.import_module("safety_gymnasium")
         assets = importlib.import_module("safety_gymnasium.assets")
         for info in pkgutil.walk_packages(assets.__path__, prefix="safety_gymnasium.assets."):
@@ -208,6 +211,17 @@ def _replace_make(sg: types.ModuleType) -> None:
 
     registration.make = make
     sg.make = make
+
+
+@contextlib.contextmanager
+def _finder_off(finder):
+    if finder is not None:
+        finder.loading = True
+    try:
+        yield
+    finally:
+        if finder is not None:
+            finder.loading = False
 
 
 def _route_mujoco_warnings() -> None:
