@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="YAML file of CVPOConfig settings (setting: value)")
     train.add_argument("--output", default=None, help="directory for run directories (default ./runs)")
     train.add_argument("--name", default=None, help="run directory name (default <env>_seed<seed>_<time>)")
+    train.add_argument("--logger", action="append", default=None, choices=["tensorboard", "mlflow"],
+                       help="experiment tracking, repeatable: tensorboard (event files in the run directory, always "
+                            "written) or mlflow (to MLFLOW_TRACKING_URI, else ./mlruns)")
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     train.add_argument("--address", default=None, help="join an existing Ray cluster (default: a local Ray)")
 
@@ -145,7 +148,7 @@ def cmd_train(args) -> int:
                                            ("--cost-limit", args.cost_limit), ("--total-env-steps", args.total_env_steps),
                                            ("--env-runners", args.env_runners), ("--seed", args.seed),
                                            ("--config", args.config), ("--output", args.output),
-                                           ("--name", args.name)) if value is not None]
+                                           ("--name", args.name), ("--logger", args.logger)) if value is not None]
         if given:
             raise UsageError(f"--resume continues a run with its own settings and directory: drop {', '.join(given)}")
         try:
@@ -189,7 +192,8 @@ def cmd_train(args) -> int:
           f"\nrun directory: {run_dir}", flush=True)
     try:
         outcome = run_training(config, total, run_dir, address=args.address,
-                               run_info={"config_file": args.config, "overrides": overrides})
+                               run_info={"config_file": args.config, "overrides": overrides},
+                               loggers=args.logger or ())
     except (ValueError, RunDirInUse) as err:
         raise UsageError(str(err)) from None
     return _exit_code(outcome)

@@ -20,6 +20,11 @@ Sweep file schema (every key but ``env`` and ``search`` optional)::
     checkpoint: {frequency: 1, keep: 1}   # iterations between checkpoints; best checkpoints kept (+ the latest)
     max_failures: 2                   # retries of a failed trial, from its last checkpoint
     max_concurrent_trials: 0          # 0: as many as the cluster fits
+    loggers: [mlflow]                 # experiment tracking besides Tune's TensorBoard files (tensorboard, mlflow)
+
+The file is checked before Ray starts: the keys and their types and ranges by a pydantic schema (:class:`SweepFile`),
+and ``base`` with every value of every search distribution (both bounds of a range) by ``CVPOConfig.validate()``, the
+rules a trial would meet. Each error names the file, the line and the key.
 """
 
 from __future__ import annotations
@@ -34,10 +39,10 @@ import pandas as pd
 
 from rllib_cvpo.checkpoints import run_dir_lock
 from rllib_cvpo.runs import find_checkpoints, read_results, trial_dirs
-from rllib_cvpo.training import ConfigFileError, config_keys, read_yaml
+from rllib_cvpo.training import ConfigFileError, config_keys, logger_callbacks, read_yaml
 
 TOP_LEVEL = {"name", "env", "total_env_steps", "stop", "base", "search", "seeds", "num_samples", "resources",
-             "checkpoint", "max_failures", "max_concurrent_trials"}
+             "checkpoint", "max_failures", "max_concurrent_trials", "loggers"}
 DISTRIBUTIONS = {"grid", "choice", "uniform", "loguniform"}
 RESOURCES = {"env_runners", "cpus_per_env_runner", "learners", "gpus_per_learner", "cpus_per_learner"}
 CHECKPOINT = {"frequency", "keep"}
@@ -45,6 +50,66 @@ CHECKPOINT = {"frequency", "keep"}
 
 class SweepSpec(dict):
     """The parsed sweep file (a dict with the keys of the schema, defaults filled in)."""
+
+
+def _schema():
+    """The pydantic models of a sweep file's keys (built on first use: pydantic is imported only then)."""
+    from typing import Dict as D
+    from typing import List as L
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+    Number = StrictInt | StrictFloat
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class Resources(Strict):
+        env_runners: StrictInt = Field(1, ge=0)
+        cpus_per_env_runner: Number = Field(1, gt=0)
+        learners: StrictInt = Field(0, ge=0)
+        gpus_per_learner: Number = Field(0, ge=0)
+        cpus_per_learner: Number = Field(1, gt=0)
+
+    class Checkpoint(Strict):
+        frequency: StrictInt = Field(1, ge=1)
+        keep: StrictInt = Field(1, ge=1)
+
+    class SweepFile(Strict):
+        name: str = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+        env: str = Field(..., min_length=1)
+        total_env_steps: StrictInt = Field(100_000, ge=1)
+        stop: D[str, Number] = {}
+        base: D[str, object] = {}
+        search: D[str, D[Literal["grid", "choice", "uniform", "loguniform"], L[object]]]
+        seeds: L[StrictInt] = Field([0], min_length=1)
+        num_samples: StrictInt = Field(1, ge=1)
+        resources: Resources = Resources()
+        checkpoint: Checkpoint = Checkpoint()
+        max_failures: StrictInt = Field(2, ge=0)
+        max_concurrent_trials: StrictInt = Field(0, ge=0)
+        loggers: L[Literal["tensorboard", "mlflow"]] = []
+
+    return SweepFile
+
+
+def _node_at(root, loc) -> Any:
+    """The YAML node at a path of keys and list indices (as deep as it goes), for an error's line number."""
+    import yaml
+
+    node = root
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            match = node.value[key]
+        else:
+            match = None
+        if match is None:
+            break
+        node = match
+    return node
 
 
 def _err(path, node, message) -> ConfigFileError:
@@ -107,12 +172,20 @@ def load_sweep(path: str | Path) -> SweepSpec:
                     raise _err(path, knode, f"unknown key {knode.value!r} in {section!r} (allowed: "
                                             f"{', '.join(sorted(allowed))})")
     seeds = data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in seeds):
         raise _err(path, nodes["seeds"][0], f"'seeds' must be a non-empty list of integers, got {seeds!r}")
-    for key in ("total_env_steps", "num_samples"):
-        v = data.get(key, 1)
-        if not isinstance(v, int) or v < 1:
-            raise _err(path, nodes[key][0], f"{key!r} must be a positive integer, got {v!r}")
+    from pydantic import ValidationError
+
+    try:
+        _schema().model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = [x for x in first["loc"] if not (isinstance(x, str) and x in ("int", "float", "literal_error"))]
+        key = ".".join(str(x) for x in loc)
+        got = first.get("input")
+        raise _err(path, _node_at(root, loc), f"{key}: {first['msg']}, got {got!r}") from None
+    _check_values(path, root, data)
     spec = SweepSpec(data)
     spec.setdefault("name", p.stem)
     spec.setdefault("seeds", [0])
@@ -125,6 +198,33 @@ def load_sweep(path: str | Path) -> SweepSpec:
     spec.setdefault("stop", {})
     spec["file"] = str(p)
     return spec
+
+
+def _check_values(path, root, data) -> None:
+    """``base``, then ``base`` with each value of each search distribution (both bounds of a range), through
+    ``CVPOConfig.validate()``: a value a trial would reject is reported here, before Ray starts."""
+    from rllib_cvpo.envs import UnknownEnvError
+    from rllib_cvpo.training import build_config
+
+    base = dict(data.get("base") or {})
+
+    def check(settings, where):
+        try:
+            build_config(data["env"], None, None, None, settings)
+        except UnknownEnvError as err:
+            raise _err(path, _node_at(root, ["env"]), str(err)) from None
+        except (ValueError, TypeError) as err:
+            message = str(err).splitlines()[0].replace("Invalid CVPO configuration: ", "")
+            if where == ["base"]:  # point at the base setting the message names
+                named = [k for k in base if k in message]
+                where = ["base", named[0]] if named else where
+            raise _err(path, _node_at(root, where), message) from None
+
+    check(base, ["base"])
+    for name, dist in (data.get("search") or {}).items():
+        (kind, values), = dist.items()
+        for i, value in enumerate(values):
+            check({**base, name: value}, ["search", name, kind, i])
 
 
 def _distribution(kind: str, values: list):
@@ -214,6 +314,7 @@ def _run_sweep(spec: SweepSpec, storage: str, path: str, resume: bool):
                 checkpoint_at_end=True,
             ),
             failure_config=tune.FailureConfig(max_failures=int(spec["max_failures"])),
+            callbacks=logger_callbacks(spec.get("loggers"), spec["name"]),
             verbose=1,
         ),
     )

@@ -284,8 +284,36 @@ def _check_resources(config, address: Optional[str]) -> None:
         )
 
 
+LOGGERS = ("tensorboard", "mlflow")
+
+
+def logger_callbacks(loggers, experiment: str) -> list:
+    """Tune callbacks for experiment tracking. "tensorboard": Tune already writes TensorBoard event files into each
+    trial directory (``tensorboard --logdir RUN_DIR``), so nothing is added; "mlflow": every iteration's metrics (the
+    return and cost, the duals, ...) and the trial's settings go to MLflow (the store ``MLFLOW_TRACKING_URI`` names,
+    else ./mlruns), in an experiment named ``experiment``."""
+    callbacks = []
+    for name in loggers or ():
+        if name == "tensorboard":
+            continue
+        if name != "mlflow":
+            raise ValueError(f"unknown logger {name!r}: choose from {', '.join(LOGGERS)}")
+        try:
+            import mlflow  # noqa: F401
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+        except ImportError:
+            raise ValueError("the mlflow logger needs MLflow: pip install 'rllib-cvpo[tracking]'") from None
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or Path("mlruns").resolve().as_uri()
+        if uri.startswith("file:"):
+            # MLflow 3 keeps its file store in maintenance and asks for this opt-in; a server or a database URI
+            # (sqlite:///mlflow.db with the full mlflow package) needs none.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment))
+    return callbacks
+
+
 def run_training(config, total_env_steps: int, run_dir: Path, address: Optional[str] = None,
-                 run_info: Optional[Dict[str, Any]] = None, stream=None) -> Dict[str, Any]:
+                 run_info: Optional[Dict[str, Any]] = None, stream=None, loggers=()) -> Dict[str, Any]:
     """Train ``config`` for ``total_env_steps`` env steps as one Tune trial whose experiment directory is
     ``run_dir``. Returns a dict with ``status`` ("finished", "interrupted" or "error"), ``checkpoints`` and
     ``results`` (a DataFrame). Raises :class:`~rllib_cvpo.checkpoints.RunDirInUse` if another process trains
@@ -295,12 +323,15 @@ def run_training(config, total_env_steps: int, run_dir: Path, address: Optional[
     info = dict(run_info or {})
     info.update(env=config.env, cost_limit=config.cost_limit, total_env_steps=int(total_env_steps),
                 seed=config.seed, num_env_runners=config.num_env_runners)
+    info["loggers"] = list(loggers or ())
+    tracking = logger_callbacks(loggers, run_dir.name)
     with run_dir_lock(run_dir):
         (run_dir / RUN_FILE).write_text(json.dumps(info, indent=1, default=str))
-        return _run_new(config, total_env_steps, run_dir, address, stream)
+        return _run_new(config, total_env_steps, run_dir, address, stream, tracking)
 
 
-def _run_new(config, total_env_steps: int, run_dir: Path, address: Optional[str], stream) -> Dict[str, Any]:
+def _run_new(config, total_env_steps: int, run_dir: Path, address: Optional[str], stream,
+             tracking: list) -> Dict[str, Any]:
     from ray import tune
 
     from rllib_cvpo.cvpo.cvpo import CVPO
@@ -324,7 +355,7 @@ def _run_new(config, total_env_steps: int, run_dir: Path, address: Optional[str]
                 checkpoint_at_end=True,
             ),
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[ProgressBar(total_env_steps, limit, stream), interrupt],
+            callbacks=[ProgressBar(total_env_steps, limit, stream), interrupt, *tracking],
             verbose=0,
         ),
     )

@@ -219,11 +219,13 @@ def test_a_trial_killed_in_a_sweep_is_retried_from_its_checkpoint_and_the_sweep_
 
     path = tmp_path / "sweep.yaml"
     path.write_text(sweep_yaml("killed_trial", 3000, tail="resources: {env_runners: 0}\nmax_concurrent_trials: 1\n"
-                                                         "max_failures: 1\n"))
+                                                         "max_failures: 1\nloggers: [mlflow]\n"))
     storage = tmp_path / "store"
     log = open(tmp_path / "sweep.log", "w")
+    mlruns = (tmp_path / "mlruns").as_uri()
     proc = subprocess.Popen([*CLI, "sweep", str(path), "--storage", str(storage), "--address",
-                             gcs_address(ray_local)], stdout=log, stderr=subprocess.STDOUT)
+                             gcs_address(ray_local)], stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, MLFLOW_TRACKING_URI=mlruns))
 
     def first_trial_checkpointed():
         trials = sorted((storage / "killed_trial").glob("CVPO_*"))
@@ -239,10 +241,19 @@ def test_a_trial_killed_in_a_sweep_is_retried_from_its_checkpoint_and_the_sweep_
             proc.kill()
     trials = sorted((storage / "killed_trial").glob("CVPO_*"))
     assert len(trials) == 2
-    assert "ActorDiedError" in (trials[0] / "error.txt").read_text()  # Tune saw the kill, then retried
+    assert "The actor died unexpectedly" in (trials[0] / "error.txt").read_text()  # Tune saw the kill, then retried
     for trial in trials:  # both complete; the killed one continued from its checkpoint, never from 0
         assert read_results(trial)["env_steps"].tolist() == [1000, 2000, 3000]
     first_rows = [json.loads(x) for x in (trials[0] / "result.json").read_text().splitlines() if x.strip()]
     assert [r["cvpo"]["env_steps"] for r in first_rows][0] == 1000
     assert sum(r["cvpo"]["env_steps"] == 1000 for r in first_rows) == 1
     assert report(storage / "killed_trial")["best"] is not None
+    # The sweep file's `loggers: [mlflow]`: each trial's iterations reached MLflow, the killed one's too.
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlruns)
+    runs = client.search_runs([client.get_experiment_by_name("killed_trial").experiment_id])
+    limits = {float(r.data.params["cost_limit"]) for r in runs}
+    assert limits == {15.0, 30.0}
+    assert all(max(m.step for m in client.get_metric_history(r.info.run_id, "cvpo/env_steps")) >= 2 for r in runs)

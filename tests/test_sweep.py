@@ -62,6 +62,18 @@ def test_shipped_sweep_files_parse_and_build(path):
         ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nresources: {gpus: 1}\n", 4, "unknown key 'gpus' in 'resources'"),
         ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1, 2]\n", 4, "malformed YAML"),
         ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nseeds: [a]\n", 4, "'seeds' must be a non-empty list of integers"),
+        # Values a trial would reject, found before Ray starts (CVPOConfig.validate on every grid value).
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit:\n    grid: [-5, .nan]\n", 4, "cost_limit for 'cost' must be a number >= 0, got -5"),
+        ("env: SpeedLimit-v0\nsearch:\n  estep_kl: {choice: [0.1, 0]}\n", 3, "estep_kl must be > 0.0, got 0"),
+        ("env: SpeedLimit-v0\nsearch:\n  kl_mean: {uniform: [-1, 1]}\n", 3, "kl_mean must be > 0.0, got -1"),
+        ("env: SpeedLimit-v0\nbase:\n  gamma: 2\nsearch:\n  cost_limit: {grid: [1]}\n", 3, "gamma must be <= 1.0, got 2"),
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nmax_failures: two\n", 4, "max_failures: Input should be a valid integer"),
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nmax_concurrent_trials: -3\n", 4, "max_concurrent_trials: Input should be greater than or equal to 0, got -3"),
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nstop: 5\n", 4, "stop: Input should be a valid dictionary"),
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nresources: {env_runners: -1}\n", 4, "resources.env_runners: Input should be greater than or equal to 0"),
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nloggers: [wandb]\n", 4, "loggers.0: Input should be 'tensorboard' or 'mlflow'"),
+        ("env: SpeedLimit-v0\nbase:\n  model_config: {fcnet_hiddens: big}\nsearch:\n  cost_limit: {grid: [1]}\n", 3, "model_config.fcnet_hiddens must be a list of positive integers, got 'big'"),
+        ("env: NoSuchEnv-v0\nsearch:\n  cost_limit: {grid: [1]}\n", 1, "unknown env id 'NoSuchEnv-v0'"),
     ],
 )
 def test_malformed_sweep_file_names_key_and_line(tmp_path, text, line, fragment):

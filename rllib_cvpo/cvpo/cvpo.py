@@ -454,6 +454,13 @@ class CVPOConfig(AlgorithmConfig):
         if not isinstance(self.replay_capacity, int) or self.replay_capacity < self.train_batch_size_per_learner:
             errors.append(f"replay_capacity must be an integer >= train_batch_size_per_learner "
                           f"({self.train_batch_size_per_learner}), got {self.replay_capacity!r}")
+        hiddens = (self._model_config or {}).get("fcnet_hiddens", [])
+        if (not isinstance(hiddens, (list, tuple)) or not hiddens
+                or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hiddens)):
+            errors.append(f"model_config.fcnet_hiddens must be a list of positive integers, got {hiddens!r}")
+        activation = (self._model_config or {}).get("fcnet_activation", "relu")
+        if activation not in ("relu", "tanh", "elu", "silu"):
+            errors.append(f"model_config.fcnet_activation must be one of relu, tanh, elu, silu, got {activation!r}")
         if self.lr is not None:
             errors.append(f"lr is not used by CVPO (set actor_lr and critic_lr), got {self.lr!r}")
         if errors:
