@@ -51,6 +51,10 @@ def __getattr__(name):
         from rllib_cvpo.cvpo import cvpo
 
         return getattr(cvpo, name)
+    if name in ("train", "resume"):
+        from rllib_cvpo import training
+
+        return getattr(training, name)
     if name in ("load_policy", "CVPOPolicy", "CheckpointError"):
         from rllib_cvpo import policy
 
@@ -58,4 +62,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["CVPO", "CVPOConfig", "CVPOPolicy", "CheckpointError", "load_policy", "__version__"]
+__all__ = ["CVPO", "CVPOConfig", "CVPOPolicy", "CheckpointError", "load_policy", "resume", "train", "__version__"]

@@ -362,6 +362,34 @@ def _run_new(config, total_env_steps: int, run_dir: Path, address: Optional[str]
     return _fit_and_report(tuner, run_dir, limit, interrupt, stream)
 
 
+def train(config, total_env_steps: int = DEFAULT_TOTAL_ENV_STEPS, run_dir: Optional[str | Path] = None,
+          address: Optional[str] = None, loggers=()) -> Dict[str, Any]:
+    """The command's run from Python: ``config`` (a ``CVPOConfig``) trained for ``total_env_steps`` env steps as one Tune
+    trial in ``run_dir`` (default ``runs/<env>_seed<seed>_<time>``), with the progress line, a checkpoint every
+    iteration (the latest and the best feasible kept), ``summary.txt`` and ``curves.png`` at the end. Returns
+    ``{"status": "finished" | "interrupted" | "error", "checkpoints": {"best": path, "latest": path}, "results":
+    DataFrame, "errors": [...], "run_dir": path}``; an interrupted run continues with :func:`resume`."""
+    if isinstance(total_env_steps, bool) or not isinstance(total_env_steps, int) or total_env_steps < 1:
+        raise ValueError(f"total_env_steps must be a positive whole number of env steps, got {total_env_steps!r}")
+    config.validate()
+    if run_dir is None:
+        name = str(config.env).split(":")[-1]
+        run_dir = Path("runs") / f"{name}_seed{config.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(run_dir).resolve()
+    if (run_dir / "tuner.pkl").exists():
+        raise FileExistsError(f"run directory {str(run_dir)!r} exists: resume it with rllib_cvpo.resume(run_dir)")
+    outcome = run_training(config, total_env_steps, run_dir, address=address, loggers=loggers)
+    outcome["run_dir"] = run_dir
+    return outcome
+
+
+def resume(run_dir: str | Path, address: Optional[str] = None) -> Dict[str, Any]:
+    """Continue an interrupted run of :func:`train` (or of ``rllib-cvpo train``) to its end; returns as :func:`train`."""
+    outcome = resume_training(Path(run_dir), address=address)
+    outcome["run_dir"] = Path(run_dir).resolve()
+    return outcome
+
+
 def resume_training(run_dir: Path, address: Optional[str] = None, stream=None) -> Dict[str, Any]:
     """Continue an interrupted (or crashed) run from its last checkpoint: env steps, duals, optimizers and the
     replay buffer carry on where they were."""

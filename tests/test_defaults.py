@@ -1,6 +1,9 @@
 """One set of defaults: the command's configuration is CVPOConfig's, README's Python example builds it, and the
 presets set what they say."""
 
+import pytest
+from helpers import small_config
+
 from rllib_cvpo import CVPOConfig
 from rllib_cvpo.training import DEFAULT_ENV, build_config
 
@@ -102,3 +105,23 @@ def test_a_users_callback_runs_beside_cvpos_cost_metrics(ray_local):
         assert result["cvpo"]["score"] == result["cvpo"]["score"]  # not NaN: checkpoints can be ranked
     finally:
         algo.stop()
+
+
+def test_python_train_gives_the_commands_run(ray_local, tmp_path):
+    # rllib_cvpo.train: the command's run from Python (checkpoints, summary, curves, results), then resume of a
+    # finished run has nothing left to do and keeps every iteration.
+    import rllib_cvpo
+
+    config = small_config().reporting(min_sample_timesteps_per_iteration=1000)
+    outcome = rllib_cvpo.train(config, total_env_steps=2000, run_dir=tmp_path / "py_run",
+                               address=ray_local.get_runtime_context().gcs_address)
+    assert outcome["status"] == "finished" and outcome["run_dir"] == (tmp_path / "py_run").resolve()
+    assert outcome["results"]["env_steps"].tolist() == [1000, 2000]
+    assert outcome["checkpoints"]["latest"].is_dir() and outcome["checkpoints"]["best"].is_dir()
+    assert (tmp_path / "py_run" / "summary.txt").is_file() and (tmp_path / "py_run" / "curves.png").is_file()
+    with pytest.raises(FileExistsError, match="resume it with rllib_cvpo.resume"):
+        rllib_cvpo.train(config, total_env_steps=2000, run_dir=tmp_path / "py_run")
+    with pytest.raises(ValueError, match="total_env_steps must be a positive whole number"):
+        rllib_cvpo.train(config, total_env_steps=0, run_dir=tmp_path / "other")
+    again = rllib_cvpo.resume(tmp_path / "py_run", address=ray_local.get_runtime_context().gcs_address)
+    assert again["status"] == "finished" and again["results"]["env_steps"].tolist() == [1000, 2000]
