@@ -86,11 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     train.add_argument("--address", default=None, help="join an existing Ray cluster (default: a local Ray)")
 
-    ev = sub.add_parser("evaluate", help="deterministic episodes of a trained policy")
+    ev = sub.add_parser("evaluate", help="deterministic (or --stochastic) episodes of a trained policy")
     ev.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its best feasible checkpoint)")
     ev.add_argument("--episodes", type=_positive_int, default=10)
     ev.add_argument("--import", dest="import_module", default=None, metavar="MODULE",
                     help="import MODULE first, which registers the checkpoint's env with gymnasium")
+    ev.add_argument("--stochastic", action="store_true",
+                    help="act with the exploring (stochastic) policy, whose cost the E-step constrains, instead of "
+                         "the deterministic one (tanh of the mean)")
     ev.add_argument("--latest", action="store_true",
                     help="for a run directory: its latest checkpoint instead of its best feasible one")
     ev.add_argument("--seed", type=int, default=0, help="seed of the first episode (then seed+1, ...)")
@@ -229,7 +232,11 @@ def cmd_evaluate(args) -> int:
     if not policy.env_id:
         raise UsageError(f"checkpoint {str(policy.checkpoint)!r} does not name its env")
     try:
-        returns, costs, videos = run_episodes(policy.act, policy.env_id, args.episodes, args.seed, args.video,
+        act = policy.act
+        if args.stochastic:
+            rng = np.random.default_rng(args.seed)
+            act = lambda obs: policy.sample(obs, rng)  # noqa: E731
+        returns, costs, videos = run_episodes(act, policy.env_id, args.episodes, args.seed, args.video,
                                               args.video_episodes)
     except ValueError as err:
         raise UsageError(str(err)) from None
@@ -238,6 +245,7 @@ def cmd_evaluate(args) -> int:
     over = float(np.mean(costs > limit_total))
     out = {
         "checkpoint": str(policy.checkpoint), "env": policy.env_id, "episodes": int(args.episodes),
+        "policy": "stochastic" if args.stochastic else "deterministic",
         "return_mean": float(returns.mean()), "return_std": float(returns.std()),
         "cost_mean": float(costs.mean()), "cost_std": float(costs.std()), "cost_limit": limit_total,
         "over_limit_fraction": over, "returns": returns.tolist(), "costs": costs.tolist(),
@@ -246,7 +254,7 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{policy.env_id}: {args.episodes} deterministic episodes from {policy.checkpoint}")
+        print(f"{policy.env_id}: {args.episodes} {out['policy']} episodes from {policy.checkpoint}")
         print(f"return {out['return_mean']:.2f} +- {out['return_std']:.2f}")
         print(f"cost   {out['cost_mean']:.2f} +- {out['cost_std']:.2f} (limit {limit_total:g}); "
               f"over the limit in {over:.0%} of episodes")

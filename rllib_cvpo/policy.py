@@ -139,6 +139,20 @@ class CVPOPolicy:
         actions = deterministic_actions(self.module, arr, low, high)
         return actions[0] if single else actions
 
+    def sample(self, obs, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+        """Stochastic action(s) in the env's units: tanh of a draw from the policy's Gaussian (the exploring policy
+        that training samples with, whose cost the E-step constrains), for one observation or a batch."""
+        import torch
+
+        arr, single = self._check_obs(obs)
+        rng = rng if rng is not None else np.random.default_rng()
+        with torch.no_grad():
+            mean, std = self.module.policy(torch.as_tensor(arr))
+        u = mean.numpy() + std.numpy() * rng.standard_normal(mean.shape).astype(np.float32)
+        low, high = self._box()
+        actions = low + (np.tanh(u) + 1.0) * 0.5 * (high - low)
+        return actions[0] if single else actions
+
     def cost_value(self, obs, actions) -> np.ndarray:
         """Q_c(s, a) of every cost critic ([m] for one observation, [B, m] for a batch) for env-unit actions."""
         import torch

@@ -132,6 +132,11 @@ def test_train_checkpoint_evaluate_plot_end_to_end(ray_local, small_yaml, tmp_pa
     assert out["over_limit_fraction"] == np.mean(np.array(out["costs"]) > 25.0)
     again = json.loads(run_cli("evaluate", run_dir, "--episodes", 3, "--seed", 5, "--json").stdout.splitlines()[-1])
     assert again["returns"] == out["returns"]  # deterministic
+    # --stochastic: the exploring policy (a Gaussian draw per step), reproducible from its seed, other episodes.
+    noisy = [json.loads(run_cli("evaluate", run_dir, "--episodes", 3, "--seed", 5, "--json", "--stochastic")
+                        .stdout.splitlines()[-1]) for _ in range(2)]
+    assert noisy[0]["policy"] == "stochastic" and out["policy"] == "deterministic"
+    assert noisy[0]["returns"] == noisy[1]["returns"] and noisy[0]["returns"] != out["returns"]
     import imageio.v2 as imageio
 
     video = Path(out["videos"][0])
