@@ -180,6 +180,9 @@ def test_builtin_task_documented_optimum_is_reached_by_the_scripted_policy():
     v = np.sqrt(limit / HORIZON / 1.125)
     const_ret, const_cost = _rollouts(lambda o: np.array([2 * v - 1, o[1]]))
     assert const_cost == pytest.approx(limit, rel=0.02) and const_ret < 0.9 * optimum
+    from rllib_cvpo.envs.speed_limit import constant_speed_return
+
+    assert const_ret == pytest.approx(constant_speed_return(const_cost), rel=0.01)  # the learning test's baseline
     # Unconstrained, the best policy runs flat out and exceeds the limit by a wide margin.
     full_ret, full_cost = _rollouts(lambda o: np.array([1.0, o[1]]), episodes=50)
     assert full_ret == pytest.approx(HORIZON) and full_cost > 8 * limit

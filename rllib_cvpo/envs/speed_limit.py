@@ -121,6 +121,16 @@ def constrained_optimum(cost_limit: float, horizon: int = HORIZON) -> float:
     return horizon * _per_step_speed(optimal_speed_scale(cost_limit, horizon))
 
 
+def constant_speed_return(cost: float, horizon: int = HORIZON) -> float:
+    """Expected episodic return of the best policy that ignores the roughness (one constant speed v, steering on the
+    heading) at an expected episodic cost of ``cost``: cost = T E[k] v^2 and return = T v, so
+    T sqrt(cost / (T E[k])), capped at full speed. A learner must beat this to show it uses what it observes."""
+    if cost < 0:
+        raise ValueError(f"cost must be >= 0, got {cost!r}")
+    mean_k = (K_LOW + K_HIGH) / 2.0
+    return horizon * min(1.0, math.sqrt(cost / (horizon * mean_k)))
+
+
 def optimal_action(obs: np.ndarray, cost_limit: float, horizon: int = HORIZON) -> np.ndarray:
     """The optimal constrained policy's action(s) for observation(s) ``obs`` (shape ``[2]`` or ``[B, 2]``)."""
     obs = np.asarray(obs, np.float64)
