@@ -182,3 +182,27 @@ def test_twin_cost_critics_train_both_heads_and_use_their_maximum(ray_local):
                 assert not torch.equal(before[member], layer.weight[member].detach()), f"cost head {member} untrained"
     finally:
         algo.stop()
+
+
+def test_learner_thresholds_follow_the_annealed_limit_then_stay_cached(ray_local):
+    # While the limit anneals the learner's eps_c follows the env steps of each update; afterwards it is the final
+    # threshold, computed once.
+    config = small_config(cost_limit=10.0, cost_limit_start=50.0, cost_limit_anneal_steps=2000)
+    algo = config.build_algo()
+    try:
+        learner = algo.learner_group._learner
+        cfg = learner.config.get_config_for_module("default_policy")
+        seen = []
+        for steps in (0, 500, 1500, 1999, 2000, 10_000):
+            learner._env_steps = steps
+            got = learner._thresholds("default_policy", cfg)
+            assert got == [pytest.approx(config.qc_thresholds(steps)[0], rel=1e-12)], steps
+            seen.append(got[0])
+        assert seen[0] > seen[1] > seen[2] > seen[3] > seen[4] == seen[5]
+        assert learner._threshold_cache["default_policy"][0] == "final"
+        learner._env_steps = 20_000
+        cached = learner._threshold_cache["default_policy"]
+        learner._thresholds("default_policy", cfg)
+        assert learner._threshold_cache["default_policy"] is cached  # not recomputed
+    finally:
+        algo.stop()
