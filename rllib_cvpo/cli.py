@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", default=None, help="join an existing Ray cluster (default: a local Ray)")
 
     ev = sub.add_parser("evaluate", help="deterministic (or --stochastic) episodes of a trained policy")
-    ev.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its best feasible checkpoint)")
+    ev.add_argument("checkpoint", help="a checkpoint directory, a run directory (its best feasible checkpoint) or a "
+                    "sweep directory (the checkpoint its report names best)")
     ev.add_argument("--episodes", type=_positive_int, default=10)
     ev.add_argument("--import", dest="import_module", default=None, metavar="MODULE",
                     help="import MODULE first, which registers the checkpoint's env with gymnasium")
@@ -202,6 +203,12 @@ def cmd_train(args) -> int:
     return _exit_code(outcome)
 
 
+def is_uri(path) -> bool:
+    from rllib_cvpo.storage import is_uri as uri
+
+    return uri(path)
+
+
 def _import(module: str) -> None:
     import importlib
 
@@ -223,9 +230,21 @@ def cmd_evaluate(args) -> int:
 
     if args.import_module:
         _import(args.import_module)
+    which = "latest" if args.latest else "best"
+    shown = None
     try:
-        policy = load_policy(args.checkpoint, which="latest" if args.latest else "best")
-    except CheckpointError as err:
+        if is_uri(args.checkpoint):  # remote storage: mirror it, then download the checkpoint used
+            from rllib_cvpo.policy import resolve_checkpoint
+            from rllib_cvpo.storage import fetch_checkpoint, mirror, remote_path
+
+            local_root, _ = mirror(args.checkpoint)
+            chosen = resolve_checkpoint(local_root, which)
+            fetch_checkpoint(args.checkpoint, local_root, chosen)
+            shown = remote_path(args.checkpoint, local_root, chosen)
+            policy = load_policy(chosen)
+        else:
+            policy = load_policy(args.checkpoint, which=which)
+    except (CheckpointError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     from rllib_cvpo.cvpo.evaluate import run_episodes
 
@@ -244,7 +263,7 @@ def cmd_evaluate(args) -> int:
     limit_total = float(sum(limit.values())) if isinstance(limit, dict) else float(limit)
     over = float(np.mean(costs > limit_total))
     out = {
-        "checkpoint": str(policy.checkpoint), "env": policy.env_id, "episodes": int(args.episodes),
+        "checkpoint": shown or str(policy.checkpoint), "env": policy.env_id, "episodes": int(args.episodes),
         "policy": "stochastic" if args.stochastic else "deterministic",
         "return_mean": float(returns.mean()), "return_std": float(returns.std()),
         "cost_mean": float(costs.mean()), "cost_std": float(costs.std()), "cost_limit": limit_total,
@@ -254,7 +273,7 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{policy.env_id}: {args.episodes} {out['policy']} episodes from {policy.checkpoint}")
+        print(f"{policy.env_id}: {args.episodes} {out['policy']} episodes from {out['checkpoint']}")
         print(f"return {out['return_mean']:.2f} +- {out['return_std']:.2f}")
         print(f"cost   {out['cost_mean']:.2f} +- {out['cost_std']:.2f} (limit {limit_total:g}); "
               f"over the limit in {over:.0%} of episodes")
@@ -313,8 +332,13 @@ def cmd_sweep(args) -> int:
     except ValueError as err:
         raise UsageError(str(err).splitlines()[0]) from None
     errors = [r.error for r in grid if r.error is not None]
-    print(f"{len(grid)} trials, {len(errors)} failed; results: {grid.experiment_path}")
-    print(f"report: rllib-cvpo report {grid.experiment_path}")
+    print(f"{len(grid)} trials, {len(errors)} failed; results: {grid.experiment_path}")  # noqa
+    where = str(grid.experiment_path)
+    if is_uri(args.storage):  # the URI as given (scheme and query included), the sweep's name inserted
+        base, _, query = args.storage.partition("?")
+        where = f"{base.rstrip('/')}/{spec['name']}" + (f"?{query}" if query else "")
+        where = f"'{where}'" if query else where
+    print(f"report: rllib-cvpo report {where}")
     return 1 if errors else 0
 
 
@@ -323,10 +347,16 @@ def cmd_report(args) -> int:
 
     from rllib_cvpo.sweep import report
 
-    if not Path(args.sweep_dir).is_dir():
-        raise UsageError(f"sweep directory not found: {args.sweep_dir!r}")
+    local, out_dir = args.sweep_dir, args.out
     try:
-        out = report(args.sweep_dir, args.out, last_k=args.last)
+        if is_uri(args.sweep_dir):  # remote storage: a local mirror of its results; the files written go here
+            from rllib_cvpo.storage import mirror
+
+            local, _ = mirror(args.sweep_dir)
+            out_dir = out_dir or Path.cwd() / f"{local.name}_report"
+        elif not Path(args.sweep_dir).is_dir():
+            raise UsageError(f"sweep directory not found: {args.sweep_dir!r}")
+        out = report(local, out_dir, last_k=args.last)
     except FileNotFoundError as err:
         raise UsageError(str(err)) from None
     with pd.option_context("display.max_columns", 30, "display.width", 200):
@@ -338,7 +368,12 @@ def cmd_report(args) -> int:
         desc = ", ".join(f"{k}={best[k]}" for k in keys) or f"cost_limit={best['cost_limit']}"
         print(f"{kind}: {desc}: return {best['return_mean']:.2f}, cost {best['cost_mean']:.2f} "
               f"(limit {best['cost_limit']:g})")
-        print(f"checkpoint: {best['checkpoint']}")
+        checkpoint = best["checkpoint"]
+        if is_uri(args.sweep_dir) and checkpoint:
+            from rllib_cvpo.storage import remote_path
+
+            checkpoint = remote_path(args.sweep_dir, local, Path(checkpoint))
+        print(f"checkpoint: {checkpoint}")
     print(f"wrote {out['csv']}, {out['csv'].parent / 'trials.csv'}, {out['png']}")
     return 0
 

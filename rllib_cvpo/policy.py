@@ -30,7 +30,8 @@ def is_checkpoint(path: Path) -> bool:
 def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
     """An RLlib checkpoint directory for ``path``: the path itself if it is one; for a run directory of
     ``rllib-cvpo train`` (or a Tune trial directory) its best feasible checkpoint (``which="best"``) or its latest
-    (``which="latest"``)."""
+    (``which="latest"``); for a sweep directory, the checkpoint ``rllib-cvpo report`` names best (the best feasible
+    configuration's best seed)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {str(path)!r} does not exist")
@@ -41,13 +42,19 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
                                   "short; the run directory's other checkpoints may be complete)")
         return p
     if p.is_dir():
-        from rllib_cvpo.runs import find_checkpoints
+        from rllib_cvpo.runs import find_checkpoints, trial_dirs
 
         found = find_checkpoints(p)
         if found.get(which) is not None:
             return found[which]
         if found.get("latest") is not None:
             return found["latest"]
+        if len(trial_dirs(p)) > 1 and which == "best":  # a sweep: the report's best feasible configuration's
+            from rllib_cvpo.sweep import collect_trials, summarize
+
+            _, best = summarize(collect_trials(p))
+            if best is not None and best.get("checkpoint"):
+                return Path(best["checkpoint"])
     raise CheckpointError(
         f"no checkpoint in {str(path)!r}: expected an RLlib checkpoint directory (with rllib_checkpoint.json) or a "
         "run directory written by `rllib-cvpo train`"

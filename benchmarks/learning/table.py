@@ -4,7 +4,7 @@
 
 For each trial: the means over the second half of the run (iterations after half the final env steps) of the
 training-episode return and cost and of the deterministic evaluation return and cost, how many of those evaluations
-were within the limit, and, from the trial's latest checkpoint, how the cost critic compares with the costs in its
+were within the limit, the mean of the last 3 evaluations (30 episodes with 10 per evaluation), and, from the trial's latest checkpoint, how the cost critic compares with the costs in its
 replay buffer: the mean Q_c(s, a) over the replayed pairs against mean(cost) / (1 - gamma), the discounted cost-to-go
 those pairs would have if the replayed state distribution were stationary (episodes here are 5-10x longer than
 1 / (1 - gamma), so the truncation correction is small).
@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--no-critic", action="store_true", help="skip the cost-critic calibration column")
     args = parser.parse_args()
     print("| run | trial | env steps | training return | training cost | eval return | eval cost | "
-          "evaluations within the limit | critic Q_c / replay cost-to-go |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "evaluations within the limit | last 3 evaluations: return / cost | critic Q_c / replay cost-to-go |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         for trial in trial_dirs(run):
             df = read_results(trial)
@@ -62,9 +62,11 @@ def main() -> None:
             if calib:  # the ratio only where the replay holds any cost
                 calib_text = f"{calib[0]:.2f} / {calib[1]:.2f}" + (f" ({calib[0] / calib[1]:.2f})" if calib[1] > 0 else "")
             name = trial.name.split("_", 3)[-1].rsplit("_", 2)[0]  # e.g. 0_cost_limit=25,seed=0
+            last3 = df.dropna(subset=["eval_cost"]).tail(3)  # the final figure: 3 x 10 episodes
             print(f"| {Path(run).name} | {name} | {final:,.0f} | {half['episode_return'].mean():.1f} | "
                   f"{half['episode_cost'].mean():.1f} | {half['eval_return'].mean():.1f} | "
-                  f"{half['eval_cost'].mean():.1f} | {within} | {calib_text} |")
+                  f"{half['eval_cost'].mean():.1f} | {within} | {last3['eval_return'].mean():.1f} / "
+                  f"{last3['eval_cost'].mean():.1f} | {calib_text} |")
 
 
 if __name__ == "__main__":
