@@ -2,6 +2,7 @@
 Ctrl-C and a crash mid-run, then --resume. Training runs join the tests' shared Ray through --address."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -230,20 +231,63 @@ def test_interrupt_and_crash_then_resume_continue_steps_and_duals(ray_local, sma
     assert end_state["default_policy"]["num_updates"] > updates
 
 
+def _summary(limit, evaluation, runners=None):
+    """CVPO.summarize itself on a result dict (its config from small_config with this cost limit)."""
+    from types import SimpleNamespace
+
+    from helpers import small_config
+
+    from rllib_cvpo.cvpo.cvpo import CVPO
+
+    algo = SimpleNamespace(config=small_config(cost_limit=limit))
+    algo._constraint_costs = CVPO._constraint_costs.__get__(algo)
+    result = {"env_runners": runners or {}, "evaluation": {"env_runners": evaluation},
+              "num_env_steps_sampled_lifetime": 1000}
+    return CVPO.summarize(algo, result)
+
+
+def test_summary_scores_feasible_first_then_return_and_handles_missing_and_several_constraints():
+    from rllib_cvpo.cvpo.cvpo import INFEASIBLE_SCORE_OFFSET
+
+    feasible = _summary(25.0, {"episode_return_mean": 50.0, "episode_cost": 10.0})
+    assert feasible["feasible"] == 1.0 and feasible["score"] == 50.0
+    over = _summary(25.0, {"episode_return_mean": 90.0, "episode_cost": 40.0})
+    assert over["feasible"] == 0.0 and over["score"] == INFEASIBLE_SCORE_OFFSET - 15.0
+    assert over["score"] < _summary(25.0, {"episode_return_mean": -500.0, "episode_cost": 0.0})["score"]
+    # No evaluation: judged by the training episodes; nothing at all: no score.
+    judged = _summary(25.0, {}, runners={"episode_return_mean": 12.0, "episode_cost": 3.0})
+    assert judged["feasible"] == 1.0 and judged["score"] == 12.0 and math.isnan(judged["eval_return"])
+    assert math.isnan(_summary(25.0, {})["score"]) and _summary(25.0, {})["feasible"] == 0.0
+    # Several constraints: each within its own limit; the score of an infeasible one sums the violations.
+    two = {"a": 10.0, "b": 5.0}
+    assert _summary(two, {"episode_return_mean": 7.0, "episode_cost": 14.0, "episode_a": 9.0,
+                          "episode_b": 5.0})["score"] == 7.0
+    violated = _summary(two, {"episode_return_mean": 7.0, "episode_cost": 17.0, "episode_a": 8.0, "episode_b": 9.0})
+    assert violated["feasible"] == 0.0 and violated["score"] == INFEASIBLE_SCORE_OFFSET - 4.0
+    assert violated["cost_limit"] == 15.0
+
+
 def test_best_checkpoint_is_feasible_first_then_return(tmp_path):
     from rllib_cvpo.runs import find_checkpoints
 
     trial = tmp_path / "run" / "CVPO_x"
     trial.mkdir(parents=True)
     (trial / "result.json").write_text("")
-    # (score as CVPO computes it): an infeasible high return ranks below every feasible one.
+    # Scores from CVPO.summarize: an infeasible high return ranks below every feasible one.
     for i, (ret, cost) in enumerate([(50.0, 10.0), (90.0, 40.0), (70.0, 20.0), (30.0, 5.0)]):
         ckpt = trial / f"checkpoint_{i:06d}"
         ckpt.mkdir()
         (ckpt / "rllib_checkpoint.json").write_text("{}")
-        score = ret if cost <= 25.0 else -1e9 - (cost - 25.0)
-        (ckpt / "cvpo_metadata.json").write_text(json.dumps(
-            {"training_iteration": i + 1, "summary": {"eval_return": ret, "eval_cost": cost, "score": score}}))
+        (ckpt / "algorithm_state.pkl").write_bytes(b"state")
+        summary = _summary(25.0, {"episode_return_mean": ret, "episode_cost": cost})
+        (ckpt / "cvpo_metadata.json").write_text(json.dumps({"training_iteration": i + 1, "summary": summary}))
+    found = find_checkpoints(tmp_path / "run")
+    assert found["best"].name == "checkpoint_000002" and found["latest"].name == "checkpoint_000003"
+    # A newer checkpoint that a kill cut short is neither the latest nor the best.
+    cut = trial / "checkpoint_000004"
+    cut.mkdir()
+    (cut / "rllib_checkpoint.json").write_text("{}")
+    (cut / "cvpo_metadata.json").write_text(json.dumps({"summary": {"score": 1e9}}))
     found = find_checkpoints(tmp_path / "run")
     assert found["best"].name == "checkpoint_000002" and found["latest"].name == "checkpoint_000003"
 
