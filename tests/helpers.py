@@ -114,3 +114,24 @@ def ray_worker_pids(ray, title: bytes):
         if ppid == raylet.process.pid and cmdline.startswith(title):
             pids.append(int(entry))
     return pids
+
+
+def interrupt(proc, timeout=120) -> None:
+    """Ctrl-C a command started with Popen and wait for it to end (killed if it does not within ``timeout``)."""
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def run_without_ray(script: str) -> dict:
+    """Run ``script`` in a fresh Python where ``ray`` and ``rllib_cvpo`` cannot be imported; return the JSON object
+    its last line of output prints."""
+    guard = "import sys\nsys.modules['ray'] = None; sys.modules['rllib_cvpo'] = None  # importing either fails\n"
+    ran = subprocess.run([sys.executable, "-c", guard + script], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    return json.loads(ran.stdout.strip().splitlines()[-1])

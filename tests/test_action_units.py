@@ -64,26 +64,18 @@ def test_stored_actions_are_in_policy_units_and_the_policy_acts_in_env_units(ray
     # Exported (TorchScript) through the command, then loaded and run in a process where ray and rllib_cvpo cannot be
     # imported: the same actions in env units, to 1e-6.
     import json
-    import subprocess
-    import sys
 
-    from helpers import run_cli
+    from helpers import run_cli, run_without_ray
 
     out = tmp_path / "policy.pt"
     export = run_cli("export", path, "--out", out)
     assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
-    script = (
-        "import sys, json\n"
-        "sys.modules['ray'] = None; sys.modules['rllib_cvpo'] = None  # importing either now raises ImportError\n"
-        "import torch\n"
+    loaded = run_without_ray(
+        "import json, torch\n"
         f"m = torch.jit.load({str(out)!r})\n"
         f"obs = torch.tensor({obs.tolist()!r})\n"
         "print(json.dumps({'actions': m(obs).tolist(), 'shape': list(m.observation_shape), 'env': m.env,\n"
-        "                  'low': m.action_low.tolist(), 'high': m.action_high.tolist()}))\n"
-    )
-    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    loaded = json.loads(ran.stdout.strip().splitlines()[-1])
+        "                  'low': m.action_low.tolist(), 'high': m.action_high.tolist()}))\n")
     np.testing.assert_allclose(loaded["actions"], actions, rtol=1e-6, atol=1e-6)
     assert loaded["shape"] == [2] and loaded["env"] == ENV_ID
     assert loaded["low"] == LOW.tolist() and loaded["high"] == HIGH.tolist()
@@ -92,19 +84,13 @@ def test_stored_actions_are_in_policy_units_and_the_policy_acts_in_env_units(ray
     onnx_file = tmp_path / "policy.onnx"
     export = run_cli("export", path, "--format", "onnx", "--out", onnx_file)
     assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
-    script = (
-        "import sys, json\n"
-        "sys.modules['ray'] = None; sys.modules['rllib_cvpo'] = None\n"
-        "import numpy as np, onnxruntime\n"
+    loaded = run_without_ray(
+        "import json, numpy as np, onnxruntime\n"
         f"s = onnxruntime.InferenceSession({str(onnx_file)!r})\n"
         f"obs = np.array({obs.tolist()!r}, np.float32)\n"
         "meta = s.get_modelmeta().custom_metadata_map\n"
         "print(json.dumps({'actions': s.run(None, {'obs': obs})[0].tolist(),\n"
-        "                  'one': s.run(None, {'obs': obs[:1]})[0].tolist(), 'meta': meta}))\n"
-    )
-    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    loaded = json.loads(ran.stdout.strip().splitlines()[-1])
+        "                  'one': s.run(None, {'obs': obs[:1]})[0].tolist(), 'meta': meta}))\n")
     np.testing.assert_allclose(loaded["actions"], actions, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(loaded["one"], actions[:1], rtol=1e-6, atol=1e-6)
     assert json.loads(loaded["meta"]["action_high"]) == HIGH.tolist() and json.loads(loaded["meta"]["env"]) == ENV_ID

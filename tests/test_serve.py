@@ -1,7 +1,6 @@
 """`rllib-cvpo serve`: real HTTP requests against a Ray Serve deployment of a trained checkpoint."""
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from helpers import CLI, free_port, run_cli, small_config
+from helpers import CLI, free_port, interrupt, run_cli, small_config
 
 
 def _request(url, body=None, raw=None):
@@ -128,11 +127,7 @@ def test_served_policy_answers_like_evaluate_and_survives_bad_requests(ray_local
             if status == 200:
                 np.testing.assert_allclose(answer["action"], many["actions"][i % 8], rtol=1e-5, atol=1e-6)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc, timeout=120)
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
 
 

@@ -99,6 +99,7 @@ def _fake_trial(root: Path, name: str, cost_limit: float, seed: int, returns, co
     ckpt = trial / "checkpoint_000001"
     ckpt.mkdir(parents=True)
     (ckpt / "rllib_checkpoint.json").write_text("{}")
+    (ckpt / "algorithm_state.pkl").write_bytes(b"state")  # a complete checkpoint (written before the manifest)
     (trial / "params.json").write_text(json.dumps({"cost_limit": cost_limit, "seed": seed, "gamma": 0.99}))
     with open(trial / "result.json", "w") as fh:
         for i, (r, c) in enumerate(zip(returns, costs)):

@@ -4,7 +4,6 @@ EnvRunners."""
 
 import json
 import os
-import signal
 import subprocess
 import time
 import urllib.error
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import CLI, SMALL_SETTINGS, free_port, gcs_address, run_cli, trial_results
+from helpers import CLI, SMALL_SETTINGS, free_port, gcs_address, interrupt, run_cli, trial_results
 
 USER_ENVS = Path(__file__).parent / "user_envs"
 
@@ -72,11 +71,7 @@ def test_user_env_trains_with_a_remote_env_runner_evaluates_and_serves(ray_local
         np.testing.assert_allclose(actions, policy.act(obs), rtol=1e-6, atol=1e-6)
         assert np.all(np.abs(actions) <= 2.0)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc, timeout=60)
 
 
 def test_a_registration_made_in_the_users_process_reaches_remote_env_runners(ray_local):
