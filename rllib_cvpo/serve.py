@@ -86,13 +86,14 @@ def _error(status: int, message: str) -> JSONResponse:
                   max_queued_requests=MAX_QUEUED, graceful_shutdown_timeout_s=2.0, graceful_shutdown_wait_loop_s=0.5)
 @serve.ingress(app)
 class CVPOPolicyServer:
-    def __init__(self, checkpoint: str) -> None:
+    def __init__(self, checkpoint: str, max_batch_size: int = MAX_BATCH) -> None:
         import torch
 
         from rllib_cvpo.policy import load_policy
 
         torch.set_num_threads(1)
         self.policy = load_policy(checkpoint)
+        self._act_together.set_max_batch_size(max_batch_size)  # 1: one forward pass per request
 
     @app.get("/")
     def metadata(self) -> Dict[str, Any]:
@@ -148,12 +149,12 @@ class CVPOPolicyServer:
         return {"actions": actions.tolist(), "cost_values": self.policy.cost_value(obs, actions).tolist()}
 
 
-def build_app(checkpoint: str, num_replicas: int = 1):
+def build_app(checkpoint: str, num_replicas: int = 1, max_batch_size: int = MAX_BATCH):
     """The Serve application for a checkpoint (or a run directory's best feasible checkpoint)."""
     from rllib_cvpo.policy import resolve_checkpoint
 
     path = str(resolve_checkpoint(checkpoint).resolve())
-    return CVPOPolicyServer.options(num_replicas=num_replicas).bind(path)
+    return CVPOPolicyServer.options(num_replicas=num_replicas).bind(path, max_batch_size)
 
 
 def port_problem(host: str, port: int) -> str | None:
@@ -171,7 +172,9 @@ def port_problem(host: str, port: int) -> str | None:
 
 
 def start(checkpoint: str, port: int = 8000, host: str = "127.0.0.1", name: str = "cvpo", route_prefix: str = "/",
-          num_replicas: int = 1):
-    """Deploy on the connected Ray cluster and return the app's handle; HTTP on ``host:port``."""
+          num_replicas: int = 1, max_batch_size: int = MAX_BATCH):
+    """Deploy on the connected Ray cluster and return the app's handle; HTTP on ``host:port``. ``max_batch_size``
+    bounds how many concurrent single-observation requests share a forward pass (1: none do)."""
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(build_app(checkpoint, num_replicas), name=name, route_prefix=route_prefix, blocking=False)
+    return serve.run(build_app(checkpoint, num_replicas, max_batch_size), name=name, route_prefix=route_prefix,
+                     blocking=False)
