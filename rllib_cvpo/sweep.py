@@ -279,6 +279,46 @@ def run_sweep(spec: SweepSpec, storage: str, address: Optional[str] = None, resu
         return _run_sweep(spec, storage, path, resume)
 
 
+def original_param_keys(path: str) -> Optional[List[str]]:
+    """The flattened keys of the param space a sweep started with (Tune stores them in its tuner.pkl)."""
+    import pickle
+
+    from ray.train._internal.storage import get_fs_and_path
+
+    fs, fs_path = get_fs_and_path(path)
+    with fs.open_input_file(f"{fs_path.rstrip('/')}/tuner.pkl") as fh:
+        state = pickle.loads(fh.readall())
+    return state.get("__flattened_param_space_keys")
+
+
+def restrict_to_original(space: Dict[str, Any], original: Optional[List[str]]) -> Dict[str, Any]:
+    """``space`` without the (flattened, "/"-joined) keys the original param space did not have; a key the original
+    had and ``space`` lacks (a setting this version removed) cannot be restored and raises ValueError."""
+    if original is None:
+        return space
+    keep = set(original)
+
+    def prune(d: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            flat = f"{prefix}{k}"
+            if isinstance(v, dict) and v and not any(o == flat for o in keep) and any(
+                    o.startswith(flat + "/") for o in keep):
+                out[k] = prune(v, flat + "/")
+            elif flat in keep:
+                out[k] = v
+        return out
+
+    from ray.tune.utils.util import flatten_dict
+
+    pruned = prune(space, "")
+    missing = sorted(keep - set(flatten_dict(pruned).keys()))
+    if missing:
+        raise ValueError(f"cannot resume: the sweep was started with settings this version no longer has: "
+                         f"{', '.join(missing[:5])}")
+    return pruned
+
+
 def _run_sweep(spec: SweepSpec, storage: str, path: str, resume: bool):
     from ray import tune
 
@@ -289,8 +329,11 @@ def _run_sweep(spec: SweepSpec, storage: str, path: str, resume: bool):
             raise FileNotFoundError(f"cannot resume: no sweep at {path!r}")
         # The param space is handed over again: Tune keeps large objects of it (the RLModule spec) as object
         # references of the first run's Ray session, which a trial not yet started would otherwise fail to resolve.
+        # Tune accepts only the keys the sweep started with, so settings added to CVPOConfig since are left out
+        # (trials not yet started then take their defaults).
+        space = restrict_to_original(build_param_space(spec), original_param_keys(path))
         tuner = tune.Tuner.restore(path, trainable=CVPO, resume_unfinished=True, resume_errored=True,
-                                   param_space=build_param_space(spec))
+                                   param_space=space)
         return tuner.fit()
     if "://" not in storage and Path(path, "tuner.pkl").exists():
         raise FileExistsError(f"a sweep already exists at {path!r}: add --resume to continue it, or change 'name'")

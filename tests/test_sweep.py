@@ -189,6 +189,17 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, 
             proc.kill()
     if not second_started:
         assert len(trials()) == 1 and _rows(trials()[0])[-1]["cvpo"]["env_steps"] < 2000
+        # As if the sweep had been started by a version without the setting `cost_feedback_source`: its tuner.pkl
+        # does not list it, and the resume (with this version's CVPOConfig) must still be accepted.
+        import pickle
+
+        from ray import cloudpickle
+
+        state = pickle.loads((sweep_dir / "tuner.pkl").read_bytes())
+        keys = state["__flattened_param_space_keys"]
+        assert "cost_feedback_source" in keys
+        state["__flattened_param_space_keys"] = [k for k in keys if k != "cost_feedback_source"]
+        (sweep_dir / "tuner.pkl").write_bytes(cloudpickle.dumps(state))
         resumed = subprocess.run([*CLI, "sweep", str(path), "--storage", str(storage), "--address", address,
                                   "--resume"], capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
