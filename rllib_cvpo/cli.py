@@ -80,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="YAML file of CVPOConfig settings (setting: value)")
     train.add_argument("--output", default=None, help="directory for run directories (default ./runs)")
     train.add_argument("--name", default=None, help="run directory name (default <env>_seed<seed>_<time>)")
-    train.add_argument("--logger", action="append", default=None, choices=["tensorboard", "mlflow"],
+    train.add_argument("--logger", action="append", default=None, choices=["tensorboard", "mlflow", "wandb"],
                        help="experiment tracking, repeatable: tensorboard (event files in the run directory, always "
-                            "written) or mlflow (to MLFLOW_TRACKING_URI, else ./mlruns)")
+                            "written), mlflow (to MLFLOW_TRACKING_URI, else ./mlruns) or wandb (Weights & Biases)")
     train.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     train.add_argument("--address", default=None, help="join an existing Ray cluster (default: a local Ray)")
 

@@ -20,7 +20,7 @@ Sweep file schema (every key but ``env`` and ``search`` optional)::
     checkpoint: {frequency: 1, keep: 1}   # iterations between checkpoints; best checkpoints kept (+ the latest)
     max_failures: 2                   # retries of a failed trial, from its last checkpoint
     max_concurrent_trials: 0          # 0: as many as the cluster fits
-    loggers: [mlflow]                 # experiment tracking besides Tune's TensorBoard files (tensorboard, mlflow)
+    loggers: [mlflow]                 # experiment tracking besides Tune's TensorBoard files (tensorboard, mlflow, wandb)
 
 The file is checked before Ray starts: the keys and their types and ranges by a pydantic schema (:class:`SweepFile`),
 and ``base`` with every value of every search distribution (both bounds of a range) by ``CVPOConfig.validate()``, the
@@ -89,7 +89,7 @@ def _schema():
         checkpoint: Checkpoint = Checkpoint()
         max_failures: StrictInt = Field(2, ge=0)
         max_concurrent_trials: StrictInt = Field(0, ge=0)
-        loggers: L[Literal["tensorboard", "mlflow"]] = []
+        loggers: L[Literal["tensorboard", "mlflow", "wandb"]] = []
 
     return SweepFile
 

@@ -284,17 +284,30 @@ def _check_resources(config, address: Optional[str]) -> None:
         )
 
 
-LOGGERS = ("tensorboard", "mlflow")
+LOGGERS = ("tensorboard", "mlflow", "wandb")
 
 
 def logger_callbacks(loggers, experiment: str) -> list:
     """Tune callbacks for experiment tracking. "tensorboard": Tune already writes TensorBoard event files into each
     trial directory (``tensorboard --logdir RUN_DIR``), so nothing is added; "mlflow": every iteration's metrics (the
     return and cost, the duals, ...) and the trial's settings go to MLflow (the store ``MLFLOW_TRACKING_URI`` names,
-    else ./mlruns), in an experiment named ``experiment``."""
+    else ./mlruns), in an experiment named ``experiment``; "wandb": the same to Weights & Biases, in a project named
+    ``experiment`` (``WANDB_API_KEY`` or ``wandb login`` first; ``WANDB_MODE=offline`` writes ./wandb to sync later)."""
     callbacks = []
     for name in loggers or ():
         if name == "tensorboard":
+            continue
+        if name == "wandb":
+            try:
+                import wandb  # noqa: F401
+                from ray.air.integrations.wandb import WandbLoggerCallback
+            except ImportError:
+                raise ValueError("the wandb logger needs wandb: pip install 'rllib-cvpo[tracking]'") from None
+            # The per-trial logging actors run in Ray's workers, which do not see this process's environment:
+            # W&B's mode and directory travel as wandb.init arguments.
+            init = {k: os.environ[v] for k, v in (("mode", "WANDB_MODE"), ("dir", "WANDB_DIR")) if os.environ.get(v)}
+            callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT") or experiment,
+                                                 log_config=True, **init))
             continue
         if name != "mlflow":
             raise ValueError(f"unknown logger {name!r}: choose from {', '.join(LOGGERS)}")

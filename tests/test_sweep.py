@@ -71,7 +71,7 @@ def test_shipped_sweep_files_parse_and_build(path):
         ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nmax_concurrent_trials: -3\n", 4, "max_concurrent_trials: Input should be greater than or equal to 0, got -3"),
         ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nstop: 5\n", 4, "stop: Input should be a valid dictionary"),
         ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nresources: {env_runners: -1}\n", 4, "resources.env_runners: Input should be greater than or equal to 0"),
-        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nloggers: [wandb]\n", 4, "loggers.0: Input should be 'tensorboard' or 'mlflow'"),
+        ("env: SpeedLimit-v0\nsearch:\n  cost_limit: {grid: [1]}\nloggers: [comet]\n", 4, "loggers.0: Input should be 'tensorboard', 'mlflow' or 'wandb'"),
         ("env: SpeedLimit-v0\nbase:\n  model_config: {fcnet_hiddens: big}\nsearch:\n  cost_limit: {grid: [1]}\n", 3, "model_config.fcnet_hiddens must be a list of positive integers, got 'big'"),
         ("env: NoSuchEnv-v0\nsearch:\n  cost_limit: {grid: [1]}\n", 1, "unknown env id 'NoSuchEnv-v0'"),
     ],
