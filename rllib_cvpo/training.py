@@ -231,12 +231,11 @@ def user_modules(env_id: Any) -> list:
     ``py_modules``; none for plain ids and for modules installed in site-packages (present wherever the package is)."""
     if not isinstance(env_id, str) or ":" not in env_id:
         return []
-    from rllib_cvpo.envs.factory import import_env_module
+    from rllib_cvpo.envs.factory import import_env_module, is_users_module
 
     import_env_module(env_id)
     top = sys.modules[env_id.split(":")[0].split(".")[0]]
-    where = str(getattr(top, "__file__", "") or "")
-    return [] if not where or "site-packages" in where or "dist-packages" in where else [top]
+    return [top] if is_users_module(top) else []
 
 
 def _init_ray(address: Optional[str], env_id: Any = None) -> None:

@@ -458,9 +458,11 @@ class CVPOConfig(AlgorithmConfig):
         if (not isinstance(hiddens, (list, tuple)) or not hiddens
                 or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hiddens)):
             errors.append(f"model_config.fcnet_hiddens must be a list of positive integers, got {hiddens!r}")
+        from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import ACTIVATIONS
+
         activation = (self._model_config or {}).get("fcnet_activation", "relu")
-        if activation not in ("relu", "tanh", "elu", "silu"):
-            errors.append(f"model_config.fcnet_activation must be one of relu, tanh, elu, silu, got {activation!r}")
+        if activation not in ACTIVATIONS:
+            errors.append(f"model_config.fcnet_activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         if self.lr is not None:
             errors.append(f"lr is not used by CVPO (set actor_lr and critic_lr), got {self.lr!r}")
         if errors:

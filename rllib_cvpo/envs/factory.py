@@ -71,6 +71,13 @@ def import_env_module(env_id: str) -> str:
     return name
 
 
+def is_users_module(module) -> bool:
+    """Whether ``module`` is the user's own code (a file not in an installed package's site-/dist-packages), which
+    Ray workers cannot be assumed to import: it must travel with the job."""
+    where = str(getattr(module, "__file__", "") or "")
+    return bool(where) and getattr(module, "__name__", "") != "__main__" and "-packages" not in where
+
+
 def user_env_spec(env_id: str) -> "gym.envs.registration.EnvSpec | None":
     """The gymnasium spec of an id the user registered (neither built in nor safety-gymnasium's), else None."""
     name = import_env_module(env_id)

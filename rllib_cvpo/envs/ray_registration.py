@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 import gymnasium as gym
 
-from rllib_cvpo.envs.factory import episode_length, make_env, user_env_spec
+from rllib_cvpo.envs.factory import episode_length, is_users_module, make_env, user_env_spec
 
 
 def _portable(spec: Optional[gym.envs.registration.EnvSpec]) -> Optional[gym.envs.registration.EnvSpec]:
@@ -32,8 +32,7 @@ def _portable(spec: Optional[gym.envs.registration.EnvSpec]) -> Optional[gym.env
     if isinstance(entry, str):
         entry = load_env_creator(entry)
     module = sys.modules.get(getattr(entry, "__module__", "") or "")
-    where = str(getattr(module, "__file__", "") or "")
-    if module is not None and module.__name__ != "__main__" and where and "-packages" not in where:
+    if module is not None and is_users_module(module):
         cloudpickle.register_pickle_by_value(module)
     return dataclasses.replace(spec, entry_point=entry)
 
