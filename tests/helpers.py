@@ -80,6 +80,14 @@ def trial_results(run_dir: Path):
     return trial, rows
 
 
+def iterations_logged(run_dir: Path) -> int:
+    """How many result rows a (possibly still starting) single-trial run has written so far."""
+    try:
+        return len(trial_results(run_dir)[1])
+    except (StopIteration, FileNotFoundError, ValueError):
+        return 0
+
+
 def wait_for(predicate, timeout, what, proc=None):
     """Poll ``predicate`` every 0.5 s; fail if ``proc`` ends first or ``timeout`` seconds pass."""
     deadline = time.time() + timeout

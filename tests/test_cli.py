@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import CLI, SMALL_SETTINGS, run_cli
+from helpers import CLI, SMALL_SETTINGS, iterations_logged, run_cli
 from helpers import gcs_address as _address
 from helpers import learner_state as _learner_state
 from helpers import trial_results as _results
@@ -175,13 +175,7 @@ def test_interrupt_and_crash_then_resume_continue_steps_and_duals(ray_local, sma
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen([*CLI, *map(str, args)], stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        def iterations():
-            try:
-                return len(_results(run_dir)[1])
-            except (StopIteration, FileNotFoundError, ValueError):
-                return 0
-
-        _wait_for(lambda: iterations() >= 2, 300, "two iterations", proc)
+        _wait_for(lambda: iterations_logged(run_dir) >= 2, 300, "two iterations", proc)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=300) == 130
     finally:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (CLI, SMALL_SETTINGS, gcs_address, learner_state, ray_worker_pids, run_cli, sweep_yaml,
-                     trial_results, wait_for)
+from helpers import (CLI, SMALL_SETTINGS, gcs_address, iterations_logged, learner_state, ray_worker_pids, run_cli,
+                     sweep_yaml, trial_results, wait_for)
 
 from rllib_cvpo.checkpoints import LOCK_FILE, complete_checkpoints, incomplete_reason
 from rllib_cvpo.runs import read_results
@@ -190,13 +190,7 @@ def test_an_env_runner_killed_mid_run_is_restarted_and_the_run_completes(ray_loc
         return ray_worker_pids(ray_local, b"ray::SingleAgentEnvRunner")
 
     try:
-        def iterations():
-            try:
-                return len(trial_results(run_dir)[1])
-            except (StopIteration, FileNotFoundError, ValueError):
-                return 0
-
-        wait_for(lambda: iterations() >= 2 and runner_pids(), 300, "two iterations", proc)
+        wait_for(lambda: iterations_logged(run_dir) >= 2 and runner_pids(), 300, "two iterations", proc)
         (victim,) = runner_pids()
         os.kill(victim, signal.SIGKILL)
         assert proc.wait(timeout=600) == 0, (tmp_path / "runner_killed.log").read_text()[-3000:]
