@@ -14,12 +14,12 @@ import pytest
 from helpers import CLI, free_port, interrupt, run_cli, small_config
 
 
-def _request(url, body=None, raw=None):
+def _request(url, body=None, raw=None, timeout=30):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
                                  headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         text = err.read()
@@ -114,13 +114,17 @@ def test_served_policy_answers_like_evaluate_and_survives_bad_requests(ray_local
 
         # A burst of concurrent requests shares forward passes (@serve.batch): every one answered, correctly.
         with ThreadPoolExecutor(max_workers=32) as pool:
-            answers = list(pool.map(lambda i: _request(url, {"obs": batch[i % 8].tolist()}), range(128)))
+            answers = list(pool.map(lambda i: _request(url, {"obs": batch[i % 8].tolist()}, timeout=600), range(128)))
         assert all(status == 200 for status, _ in answers)
         for i, (_, answer) in enumerate(answers):
             np.testing.assert_allclose(answer["action"], many["actions"][i % 8], rtol=1e-5, atol=1e-6)  # batch vs single forward: float32 rounding
         # 500 at once: bounded by the queue limit, each request is answered correctly or refused with 503 at once.
+        # The client timeout only guards against a hang: on a loaded 2-core machine the 500 connections alone keep the
+        # proxy busy for tens of seconds, and how long this takes is for benchmarks/serve_latency.py, not this test.
+        started = time.monotonic()
         with ThreadPoolExecutor(max_workers=500) as pool:
-            flood = list(pool.map(lambda i: _request(url, {"obs": batch[i % 8].tolist()}), range(500)))
+            flood = list(pool.map(lambda i: _request(url, {"obs": batch[i % 8].tolist()}, timeout=600), range(500)))
+        print(f"500 concurrent requests answered in {time.monotonic() - started:.1f} s")
         assert {status for status, _ in flood} <= {200, 503}, {status for status, _ in flood}
         assert sum(status == 200 for status, _ in flood) >= 64
         for i, (status, answer) in enumerate(flood):
