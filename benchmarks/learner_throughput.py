@@ -6,7 +6,8 @@
 
 For each setting (default: B 256, N 16, hidden 128x128, obs 28, act 2 = FSRL's SafetyPointCircle1 settings; then
 hidden 256x256; then N 32), with one torch thread unless --threads says otherwise, it prints:
-- training path: updates/s through what training runs: replay.sample -> MultiAgentBatch -> learner_group.update
+- training path: updates/s through what training runs: the learner's replay.sample -> Learner.update (a checkout
+  from before the replay moved into the learners: replay.sample -> MultiAgentBatch -> learner_group.update)
   (RLlib's batch conversion and minibatch iteration) -> CVPOTorchLearner._update, 50 updates per call;
 - update alone: updates/s of ``_update`` on a minibatch already in tensors;
 - matmuls alone: the time of every dense matmul one update runs (forward and backward, captured from a real update
@@ -73,6 +74,8 @@ def _build(batch: int, n: int, hidden: int, obs_dim: int, twin_q: bool):
         "terminateds": np.zeros(size, np.float32),
     }
     replay._size, replay._next = size, 0
+    if hasattr(group._learner, "replay"):  # the replay lives in the learner (a checkout from before: in the driver)
+        group._learner.replay = replay
     return group, replay
 
 
@@ -119,6 +122,9 @@ def measure(batch: int, n: int, hidden: int, obs_dim: int, threads: int, calls: 
     learner.metrics.log_dict = recording_log_dict
 
     def training_call():
+        if hasattr(learner, "update_from_replay"):
+            learner.update_from_replay(UPDATES_PER_CALL, {"num_env_steps_sampled_lifetime": 10_000})
+            return
         columns = replay.sample(UPDATES_PER_CALL * batch)
         mab = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns["obs"]))
         group.update(batch=mab, minibatch_size=batch, num_epochs=1, shuffle_batch_per_epoch=False,

@@ -42,16 +42,11 @@ def sampling_rate(algo, seconds: float) -> float:
 
 
 def learner_rate(algo, seconds: float) -> float:
-    from ray.rllib.core import DEFAULT_MODULE_ID
-    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
-
     cfg = algo.config
     updates, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        columns = algo.replay.sample(50 * cfg.train_batch_size_per_learner, n_step=cfg.n_step, gamma=cfg.gamma)
-        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns["obs"]))
-        algo.learner_group.update(batch=batch, minibatch_size=cfg.train_batch_size_per_learner, num_epochs=1,
-                                  shuffle_batch_per_epoch=False, timesteps={"num_env_steps_sampled_lifetime": 10**6})
+    while time.perf_counter() - t0 < seconds:  # each learner: 50 updates on minibatches from its own replay shard
+        algo.learner_group.foreach_learner(
+            lambda learner: learner.update_from_replay(50, {"num_env_steps_sampled_lifetime": 10**6}))
         updates += 50
     return updates / (time.perf_counter() - t0) / cfg.updates_per_env_step
 

@@ -73,14 +73,15 @@ def test_feedback_offsets_the_learners_thresholds_exactly_and_survives_a_checkpo
     config = small_config(cost_limit=5.0, cost_feedback_gain=0.5)
     algo = config.build_algo()
     replayed = []
-    original = algo.replay.add
+    original = algo._store
 
-    def recording(episodes, action_space=None):
-        added = original(episodes, action_space)
-        replayed.append((added, float(algo.replay.last_added_costs[0])))
-        return added
+    def recording(rounds):
+        added, costs = original(rounds)
+        assert algo.replay.last_added_costs[0] == costs[0]  # what the replay stored
+        replayed.append((added, float(costs[0])))
+        return added, costs
 
-    algo.replay.add = recording
+    algo._store = recording
     try:
         for _ in range(3):
             result = algo.train()
@@ -117,14 +118,14 @@ def test_evaluation_feedback_follows_the_deployed_policys_measured_cost_and_surv
     config = small_config(cost_limit=5.0, cost_feedback_gain=0.5, cost_feedback_source="evaluation")
     algo = config.build_algo()
     rounds = []
-    original = algo.replay.add
+    original = algo._store
 
-    def recording(episodes, action_space=None):
-        added = original(episodes, action_space)
+    def recording(sampled):
+        added, costs = original(sampled)
         rounds.append((added, algo._evaluation_costs))
-        return added
+        return added, costs
 
-    algo.replay.add = recording
+    algo._store = recording
     try:
         first = algo.train()
         assert float(algo._cost_offset[0]) == 0.0

@@ -113,3 +113,131 @@ def test_two_learners_keep_identical_weights_and_solve_the_global_dual(ray_local
         assert eta == pytest.approx(full.eta, rel=1e-6)
         np.testing.assert_allclose(lam, full.lam, rtol=1e-6, atol=1e-9)
         assert value == pytest.approx(full.value, rel=1e-8)
+
+
+# -- the replay in the learners ------------------------------------------------------------------------------------
+def _same_draws_per_state(x):
+    """In place of the update's N(0, 1) draws: a function of the row's own values (the policy's mean of that state)
+    and, for the E-step's [N, B, a] draws, of the sample index, so a state gets the same draws on whichever learner,
+    at whichever row, it is updated."""
+    k = torch.arange(1, x.shape[0] + 1, dtype=x.dtype).view(-1, *[1] * (x.dim() - 1)) if x.dim() == 3 else 1.0
+    return torch.sin(5.0 * x + 1.3 * k)
+
+
+def _learner_snapshot(learner):
+    module = learner.module["default_policy"].unwrapped()
+    return {
+        "rank": learner._rank,
+        "weights": {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()},
+        "optim": {name: [s[m].cpu().numpy().copy() for s in opt.state_dict()["state"].values()
+                         for m in ("exp_avg", "exp_avg_sq")]
+                  for name, opt in learner.get_optimizers_for_module("default_policy")},
+        "duals": {k: np.array(v, dtype=float) for k, v in learner._cvpo["default_policy"].items()},
+    }
+
+
+def _update_on(learner, batches, minibatch_size):
+    """One update of this learner on its own batch (batches[rank]), with the per-state draws."""
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+    from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    learner._standard_normal_like = _same_draws_per_state
+    columns = batches[learner._rank]
+    learner.update(batch=MultiAgentBatch({"default_policy": SampleBatch(dict(columns))}, env_steps=minibatch_size),
+                   minibatch_size=minibatch_size, timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: 10_000})
+    return _learner_snapshot(learner)
+
+
+def _updates_from_replay(learner, num_updates):
+    from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    learner._standard_normal_like = _same_draws_per_state
+    learner.update_from_replay(num_updates, {NUM_ENV_STEPS_SAMPLED_LIFETIME: 10_000})
+    return _learner_snapshot(learner)
+
+
+def _sample_shard(learner, size, n_step, gamma):
+    return learner.replay.sample(size, n_step=n_step, gamma=gamma)
+
+
+def _assert_same(a, b, exact, what):
+    check = np.testing.assert_array_equal if exact else (
+        lambda x, y, err_msg: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6, err_msg=err_msg))
+    for key in a["weights"]:
+        check(a["weights"][key], b["weights"][key], err_msg=f"{what}: {key}")
+    for name in a["optim"]:
+        for x, y in zip(a["optim"][name], b["optim"][name]):
+            check(x, y, err_msg=f"{what}: {name} Adam moments")
+    for key in ("eta", "lam", "alpha_mu", "alpha_sigma", "num_updates"):
+        check(np.atleast_1d(a["duals"][key]), np.atleast_1d(b["duals"][key]), err_msg=f"{what}: {key}")
+
+
+def test_the_replay_is_sharded_over_the_learners_and_save_restore_continue_is_exact(ray_local, tmp_path):
+    from rllib_cvpo import CVPO
+    from rllib_cvpo.checkpoints import CheckpointError
+
+    config = small_config(updates_per_env_step=0.5).learners(num_learners=2, num_cpus_per_learner=0.5)
+    algo = config.build_algo()
+    try:
+        for _ in range(2):
+            result = algo.train()
+        shards = algo.replay_states()
+        # Every sampled transition is stored exactly once, in one of the two shards; both hold data.
+        sampled = result["env_runners"]["num_env_steps_sampled_lifetime"]
+        assert [s["num_added"] for s in shards] == algo._shard_sizes
+        assert sum(algo._shard_sizes) == sampled and min(algo._shard_sizes) > 0
+        # Rows trained are counted once each: B per update on each of the 2 learners.
+        assert result["learners"]["__all_modules__"]["num_env_steps_trained_lifetime"] == \
+            result["learners"]["default_policy"]["num_cvpo_updates"] * 2 * config.train_batch_size_per_learner
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+        continued = sorted(algo._foreach_learner(_updates_from_replay, num_updates=3), key=lambda s: s["rank"])
+    finally:
+        algo.stop()
+
+    restored = CVPO.from_checkpoint(path)
+    try:
+        again = restored.replay_states()
+        assert len(again) == 2
+        for saved, back in zip(shards, again):
+            assert back["rng"] == saved["rng"] and back["num_added"] == saved["num_added"]
+            for column in saved["data"]:
+                np.testing.assert_array_equal(back["data"][column], saved["data"][column])
+            np.testing.assert_array_equal(back["links"], saved["links"])
+        # The same 3 updates from the restored shards: bit for bit what the original run did after its save.
+        resumed = sorted(restored._foreach_learner(_updates_from_replay, num_updates=3), key=lambda s: s["rank"])
+    finally:
+        restored.stop()
+    assert resumed[0]["duals"]["num_updates"] == continued[0]["duals"]["num_updates"] > 3
+    for a, b in zip(continued, resumed):
+        _assert_same(a, b, exact=True, what=f"rank {a['rank']}")
+
+    # A checkpoint of 2 shards cannot be spread over 1 learner: one clear error.
+    single = small_config(updates_per_env_step=0.5).build_algo()
+    try:
+        with pytest.raises(CheckpointError, match=r"split over 2 learner\(s\), this run has 1 .*num_learners=2"):
+            single.restore_from_path(path)
+    finally:
+        single.stop()
+
+
+def test_one_update_on_two_learners_equals_one_learner_on_the_combined_batch(ray_local):
+    base = dict(updates_per_env_step=0.5, cost_limit=1.0)
+    two = small_config(**base).learners(num_learners=2, num_cpus_per_learner=0.5).build_algo()
+    size = two.config.train_batch_size_per_learner
+    one = small_config(**base, train_batch_size_per_learner=2 * size).build_algo()
+    try:
+        for _ in range(2):  # moves weights, Adam moments and duals away from their initial values
+            two.train()
+        one.learner_group.set_state(two.learner_group.get_state())
+        cfg = two.config
+        batches = two._foreach_learner(_sample_shard, size=size, n_step=cfg.n_step, gamma=cfg.gamma)
+        split = sorted(two._foreach_learner(_update_on, batches=batches, minibatch_size=size),
+                       key=lambda s: s["rank"])
+        combined = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        whole = one._foreach_learner(_update_on, batches=[combined], minibatch_size=2 * size)[0]
+    finally:
+        two.stop()
+        one.stop()
+    _assert_same(split[0], split[1], exact=True, what="the two learners")
+    assert split[0]["duals"]["lam"][0] > 0, split[0]["duals"]  # the constraint is active: not just 0 = 0
+    _assert_same(split[0], whole, exact=False, what="two learners against one on the combined batch")

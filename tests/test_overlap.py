@@ -14,16 +14,17 @@ def test_policy_lag_is_one_round_with_overlap_and_none_without(ray_local, overla
         .env_runners(num_env_runners=1).build_algo()
     learner = algo.learner_group._learner
     lags = []
-    original = algo.replay.add
+    original = algo._store
 
-    def recording(episodes, action_space=None):
-        for ep in episodes:
-            seq = ep.get_extra_model_outputs(WEIGHTS_SEQ_NO) if WEIGHTS_SEQ_NO in ep.extra_model_outputs else None
-            if seq is not None and len(seq):  # policy steps (warm-up steps have no model outputs)
-                lags.append(learner._weights_seq_no - int(np.max(seq)))
-        return original(episodes, action_space)
+    def recording(rounds):
+        for episodes, _ in rounds:
+            for ep in episodes:
+                seq = ep.get_extra_model_outputs(WEIGHTS_SEQ_NO) if WEIGHTS_SEQ_NO in ep.extra_model_outputs else None
+                if seq is not None and len(seq):  # policy steps (warm-up steps have no model outputs)
+                    lags.append(learner._weights_seq_no - int(np.max(seq)))
+        return original(rounds)
 
-    algo.replay.add = recording
+    algo._store = recording
     try:
         for _ in range(3):
             result = algo.train()

@@ -32,7 +32,9 @@ def critic_calibration(trial: Path) -> tuple[float, float] | None:
         return None
     latest = checkpoints[-1]
     with open(latest / "algorithm_state.pkl", "rb") as fh:
-        data = pickle.load(fh)[REPLAY_STATE]["buffer"]["data"]
+        saved = pickle.load(fh)[REPLAY_STATE]
+    shards = [s["data"] for s in saved["shards"]] if "shards" in saved else [saved["buffer"]["data"]]
+    data = {k: np.concatenate([shard[k] for shard in shards]) for k in shards[0]}  # every learner's shard
     gamma = json.loads((trial / "params.json").read_text()).get("gamma", 0.99)
     policy = load_policy(latest, which="latest")
     q = policy.cost_value(data["obs"], data["actions"]).reshape(-1)

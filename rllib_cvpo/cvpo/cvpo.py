@@ -14,7 +14,6 @@ import ray
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
-from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
@@ -25,7 +24,6 @@ from ray.rllib.utils.metrics import (
     LEARNER_UPDATE_TIMER,
     NUM_ENV_STEPS_SAMPLED_LIFETIME,
     REPLAY_BUFFER_ADD_DATA_TIMER,
-    REPLAY_BUFFER_SAMPLE_TIMER,
     SYNCH_WORKER_WEIGHTS_TIMER,
     TIMERS,
     WEIGHTS_SEQ_NO,
@@ -36,7 +34,7 @@ from rllib_cvpo.checkpoints import CheckpointError, complete_checkpoints, incomp
 from rllib_cvpo.cvpo.callbacks import CostMetricsCallback
 from rllib_cvpo.cvpo.estep import qc_threshold
 from rllib_cvpo.cvpo.feedback import SOURCES as FEEDBACK_SOURCES, THRESHOLD_OFFSET, update_offset
-from rllib_cvpo.cvpo.replay import CostReplayBuffer
+from rllib_cvpo.cvpo.replay import COSTS, CostReplayBuffer, episode_chunks
 
 # CVPO exists on RLlib's new API stack only, so RLlib's one-time "you are running on the new API stack" notice says
 # nothing to our users: consume it.
@@ -489,7 +487,9 @@ class CVPO(Algorithm):
 
             register_with_ray(config.env)
         super().setup(config)
-        self.replay = CostReplayBuffer(config.replay_capacity, config.cost_keys, seed=config.seed)
+        # The replay lives in the learners (CVPOTorchLearner.replay; one shard per learner): these route chunks.
+        self._shard_sizes = [0] * max(1, len(self.learner_group))  # transitions sent to each learner's shard
+        self._episode_shard: Dict[Any, int] = {}  # a running episode's shard, so its next chunk joins it there
         self._update_credit = 0.0
         self._cost_offset = np.zeros(len(config.cost_keys))  # the cost feedback's offsets o (episodic cost units)
         self._evaluation_costs: Optional[list] = None  # each constraint's mean episodic cost in the last evaluation
@@ -516,12 +516,8 @@ class CVPO(Algorithm):
                 )
                 rounds = [(episodes, warmup)]
         self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
-        sampled, sampled_costs = 0, np.zeros(len(cfg.cost_keys))
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
-            for episodes, random_actions in rounds:
-                # Random warm-up actions come in the env's units, the policy's in [-1, 1]: store all in the policy's.
-                sampled += self.replay.add(episodes, action_space=self._action_space() if random_actions else None)
-                sampled_costs += self.replay.last_added_costs
+            sampled, sampled_costs = self._store(rounds)
         lifetime = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
         if lifetime < cfg.num_steps_sampled_before_learning_starts:
             return
@@ -534,30 +530,76 @@ class CVPO(Algorithm):
                 self.metrics.log_value((COST_FEEDBACK, key), float(offset), window=1)
         self._update_credit += sampled * cfg.updates_per_env_step
         num_updates = int(self._update_credit)
-        if num_updates == 0:
+        if num_updates == 0 or min(self._shard_sizes) == 0:  # (the credit waits until every shard holds data)
             return
         self._update_credit -= num_updates
-        per_learner = cfg.train_batch_size_per_learner
         timesteps = {NUM_ENV_STEPS_SAMPLED_LIFETIME: lifetime}
         if cfg.cost_feedback_gain > 0:
             timesteps[THRESHOLD_OFFSET] = self._cost_offset.tolist()
-        with self.metrics.log_time((TIMERS, REPLAY_BUFFER_SAMPLE_TIMER)):
-            columns = self.replay.sample(num_updates * cfg.total_train_batch_size, n_step=cfg.n_step, gamma=cfg.gamma)
-        # Several learners: the learner group shards the batch; each learner then runs `num_updates` minibatches.
-        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns["obs"]))
+        # Each learner draws its minibatches from its own shard and runs `num_updates` updates; the E-step solves the
+        # dual of all learners' states together (CVPOTorchLearner).
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            results = self.learner_group.update(
-                batch=batch,
-                minibatch_size=per_learner,
-                num_epochs=1,
-                shuffle_batch_per_epoch=False,
-                timesteps=timesteps,
-            )
+            results = self._foreach_learner(_update_from_replay, num_updates=num_updates, timesteps=timesteps)
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
         if not overlap:  # (overlapped sampling hands the weights over with each sampling request)
             with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
                 self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
                                                    inference_only=True)
+
+    def _store(self, rounds) -> tuple:
+        """Turn the rounds' episodes into chunks of arrays here (checked for costs and finite values) and send each
+        chunk once, to one learner's replay shard: a running episode's chunks all go to the shard of its first one
+        (so n-step targets can follow it), a new episode's to the shard that has received the fewest transitions.
+        Random warm-up actions come in the env's units, the policy's in [-1, 1]: all are stored in the policy's.
+        Returns (transitions, their summed costs per constraint)."""
+        cfg: CVPOConfig = self.config
+        chunks = []
+        for episodes, random_actions in rounds:
+            chunks += episode_chunks(episodes, cfg.cost_keys, self._action_space() if random_actions else None)
+        sampled = sum(len(c[COSTS]) for c in chunks)
+        costs = np.sum([c[COSTS].sum(0, dtype=np.float64) for c in chunks], axis=0) if chunks \
+            else np.zeros(len(cfg.cost_keys))
+        if self.learner_group.is_local:
+            self._foreach_learner(_add_to_replay, chunks=chunks)
+            self._shard_sizes[0] += sampled
+            return sampled, costs
+        shards = [[] for _ in self._shard_sizes]
+        for chunk in chunks:
+            shard = self._episode_shard.pop(chunk["id"], None)
+            if shard is None:
+                shard = int(np.argmin(self._shard_sizes))
+            shards[shard].append(chunk)
+            self._shard_sizes[shard] += len(chunk[COSTS])
+            if not chunk["done"]:
+                self._episode_shard[chunk["id"]] = shard
+        if len(self._episode_shard) > 100_000:  # episodes that never ended (e.g. an EnvRunner restarted)
+            self._episode_shard.clear()
+        # One object per shard; each learner fetches only its own.
+        self._foreach_learner(_add_to_replay, shard_refs=[ray.put(shard) for shard in shards])
+        return sampled, costs
+
+    def _foreach_learner(self, func, **kwargs) -> list:
+        """``func(learner, **kwargs)`` on every learner (the local one, or each remote one); results in rank order,
+        the first error raised."""
+        results = []
+        for result in self.learner_group.foreach_learner(func, **kwargs):
+            value = result.get()
+            if not result.ok:
+                raise value
+            results.append(value)
+        return results
+
+    def replay_states(self) -> List[Dict[str, Any]]:
+        """Each learner's replay shard state (``CostReplayBuffer.get_state``), in rank order."""
+        return [state for _, state in sorted(self._foreach_learner(_replay_state), key=lambda x: x[0])]
+
+    @property
+    def replay(self) -> CostReplayBuffer:
+        """The replay, where the learner runs in this process (``num_learners=0``). Remote learners each hold a
+        shard of it (:meth:`replay_states`)."""
+        if not self.learner_group.is_local:
+            raise AttributeError("the replay is sharded over remote learners: use CVPO.replay_states()")
+        return self.learner_group._learner.replay
 
     def _sample_overlapped(self, lifetime: int):
         """Collect the round each remote EnvRunner sampled since the last call (waiting for it if needed), then at
@@ -723,7 +765,8 @@ class CVPO(Algorithm):
     def get_state(self, components=None, *, not_components=None, **kwargs) -> Dict[str, Any]:
         state = super().get_state(components, not_components=not_components, **kwargs)
         if self.config.store_buffer_in_checkpoints and self._check_component(REPLAY_STATE, components, not_components):
-            state[REPLAY_STATE] = {"buffer": self.replay.get_state(), "credit": self._update_credit}
+            state[REPLAY_STATE] = {"shards": self.replay_states(), "credit": self._update_credit,
+                                   "shard_sizes": list(self._shard_sizes)}
         if self._check_component(COST_FEEDBACK, components, not_components):
             state[COST_FEEDBACK] = {"offset": self._cost_offset.copy(), "evaluation_costs": self._evaluation_costs}
         return state
@@ -732,8 +775,41 @@ class CVPO(Algorithm):
     def set_state(self, state: Dict[str, Any]) -> None:
         super().set_state(state)
         if REPLAY_STATE in state:
-            self.replay.set_state(state[REPLAY_STATE]["buffer"])
-            self._update_credit = float(state[REPLAY_STATE]["credit"])
+            saved = state[REPLAY_STATE]
+            shards = saved["shards"] if "shards" in saved else [saved["buffer"]]  # (one buffer: before sharding)
+            if len(shards) != len(self._shard_sizes):
+                raise CheckpointError(
+                    f"the checkpoint's replay is split over {len(shards)} learner(s), this run has "
+                    f"{len(self._shard_sizes)} (num_learners={self.config.num_learners}): restore it with "
+                    f"num_learners={len(shards) if len(shards) > 1 else '0 or 1'}")
+            if self.learner_group.is_local:
+                self._foreach_learner(_set_replay_state, shard_state=shards[0])
+            else:
+                self._foreach_learner(_set_replay_state, shard_refs=[ray.put(shard) for shard in shards])
+            self._shard_sizes = [int(x) for x in saved.get("shard_sizes", [shard["num_added"] for shard in shards])]
+            self._episode_shard = {}
+            self._update_credit = float(saved["credit"])
         if COST_FEEDBACK in state:
             self._cost_offset = np.array(state[COST_FEEDBACK]["offset"], np.float64)
             self._evaluation_costs = state[COST_FEEDBACK].get("evaluation_costs")
+
+
+# Functions the algorithm runs on its learners (module level: remote learners import them by name).
+def _add_to_replay(learner, chunks=None, shard_refs=None) -> int:
+    if shard_refs is not None:
+        chunks = ray.get(shard_refs[learner._rank])
+    return learner.add_to_replay(chunks)
+
+
+def _update_from_replay(learner, num_updates, timesteps):
+    return learner.update_from_replay(num_updates, timesteps)
+
+
+def _replay_state(learner):
+    return learner._rank, learner.replay.get_state()
+
+
+def _set_replay_state(learner, shard_state=None, shard_refs=None) -> None:
+    if shard_refs is not None:
+        shard_state = ray.get(shard_refs[learner._rank])
+    learner.replay.set_state(shard_state)

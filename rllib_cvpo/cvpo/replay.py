@@ -17,7 +17,7 @@ discount gamma^k (0 if the episode terminated within the k steps), with k = n, o
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 from ray.rllib.core.columns import Columns
@@ -56,48 +56,27 @@ class CostReplayBuffer:
         self._data = {k: np.zeros((self.capacity, *v.shape[1:]), v.dtype) for k, v in columns.items()}
 
     def add(self, episodes: Iterable[Any], action_space=None) -> int:
-        """Add the transitions of ``SingleAgentEpisode`` chunks; returns the number added.
+        """Add the transitions of ``SingleAgentEpisode`` chunks; returns the number added. (The algorithm converts
+        episodes with :func:`episode_chunks` where they arrive and ships the chunks to the learners' replays.)"""
+        return self.add_chunks(episode_chunks(episodes, self.cost_keys, action_space))
 
-        ``action_space``: the env's action Box when the chunks' actions are in the env's units (RLlib's random
-        warm-up actions); they are then mapped to the policy's [-1, 1] units, as RLlib's action normalisation would
-        have produced them, so every stored action is in the policy's units."""
+    def add_chunks(self, chunks: Sequence[Dict[str, Any]]) -> int:
+        """Add :func:`episode_chunks` output; returns the number of transitions added."""
         added = 0
         cost_sums = np.zeros(len(self.cost_keys))
-        for ep in episodes:
-            n = len(ep)
-            if n == 0:
-                continue
-            obs = np.asarray(ep.get_observations(slice(0, n + 1)), np.float32).reshape(n + 1, -1)
-            infos = ep.get_infos(slice(1, n + 1))
-            try:
-                costs = np.array([[info[k] for k in self.cost_keys] for info in infos], np.float32)
-            except KeyError as err:
-                raise MissingCostError(
-                    f"a step info has no {err.args[0]!r} (found keys {sorted(infos[0]) if infos else []}); "
-                    f"the cost limit names the cost keys {self.cost_keys}"
-                ) from None
-            actions = np.asarray(ep.get_actions(slice(0, n)), np.float32).reshape(n, -1)
-            if action_space is not None:
-                actions = normalize_actions(actions, action_space)
+        for chunk in chunks:
+            obs, costs = chunk["obs"], chunk[COSTS]
+            n = len(costs)
             terminated = np.zeros(n, np.float32)
-            terminated[-1] = float(ep.is_terminated)
+            terminated[-1] = float(chunk["terminated"])
             columns = {
                 Columns.OBS: obs[:-1],
-                Columns.ACTIONS: actions,
-                Columns.REWARDS: np.asarray(ep.get_rewards(slice(0, n)), np.float32),
+                Columns.ACTIONS: chunk[Columns.ACTIONS],
+                Columns.REWARDS: chunk[Columns.REWARDS],
                 COSTS: costs,
                 Columns.NEXT_OBS: obs[1:],
                 Columns.TERMINATEDS: terminated,
             }
-            for name, values in ((Columns.REWARDS, columns[Columns.REWARDS]), (COSTS, costs),
-                                 (Columns.OBS, obs), (Columns.ACTIONS, actions)):
-                finite = np.isfinite(values).reshape(n + (name == Columns.OBS), -1).all(1)
-                if not finite.all():
-                    step = int(np.argmin(finite))
-                    raise NonFiniteError(
-                        f"the env returned a non-finite {name[:-1] if name != COSTS else 'cost'} at step "
-                        f"{ep.t_started + step} of episode {ep.id_}: {values.reshape(len(finite), -1)[step].tolist()}"
-                        " (NaN or infinity cannot be learned from; check the env or its wrappers)")
             if not self._data:
                 self._allocate(columns)
             idx = (self._next + np.arange(n)) % self.capacity
@@ -108,11 +87,11 @@ class CostReplayBuffer:
             self._next_index[idx[:-1]] = idx[1:]
             self._next_index[idx[-1]] = -1
             # Link the episode's previous chunk to this one, if that step is still stored (not overwritten since).
-            previous = self._open.pop(ep.id_, None)
+            previous = self._open.pop(chunk["id"], None)
             if previous is not None and self._serial[previous[0]] == previous[1]:
                 self._next_index[previous[0]] = idx[0]
-            if not ep.is_done:
-                self._open[ep.id_] = (int(idx[-1]), int(serials[-1]))
+            if not chunk["done"]:
+                self._open[chunk["id"]] = (int(idx[-1]), int(serials[-1]))
             self._next = int((self._next + n) % self.capacity)
             self._size = min(self.capacity, self._size + n)
             added += n
@@ -209,6 +188,49 @@ class CostReplayBuffer:
         self._next_index[slots[kept]] = new_links[kept]
         self._serial[slots[kept]] = serial[kept]
         self._open = {k: (int(slots[slot]), ser) for k, (slot, ser) in opened.items() if slots[slot] >= 0}
+
+
+def episode_chunks(episodes: Iterable[Any], cost_keys: Sequence[str], action_space=None) -> List[Dict[str, Any]]:
+    """``SingleAgentEpisode`` chunks -> compact arrays for :meth:`CostReplayBuffer.add_chunks`: per chunk its episode
+    id, observations [n + 1, d], actions [n, a] in the policy's units, rewards [n], costs [n, m] (the cost of
+    (s_t, a_t) read from ``infos[t + 1]``), whether it ends the episode (``done``) by termination (``terminated``).
+    Empty chunks are dropped. Raises :class:`MissingCostError` for a step info without a cost key and
+    :class:`NonFiniteError` for a NaN or infinite observation, action, reward or cost, naming the step.
+
+    ``action_space``: the env's action Box when the chunks' actions are in the env's units (RLlib's random warm-up
+    actions); they are then mapped to the policy's [-1, 1] units, as RLlib's action normalisation would have
+    produced them, so every stored action is in the policy's units."""
+    cost_keys = list(cost_keys)
+    chunks = []
+    for ep in episodes:
+        n = len(ep)
+        if n == 0:
+            continue
+        obs = np.asarray(ep.get_observations(slice(0, n + 1)), np.float32).reshape(n + 1, -1)
+        infos = ep.get_infos(slice(1, n + 1))
+        try:
+            costs = np.array([[info[k] for k in cost_keys] for info in infos], np.float32)
+        except KeyError as err:
+            raise MissingCostError(
+                f"a step info has no {err.args[0]!r} (found keys {sorted(infos[0]) if infos else []}); "
+                f"the cost limit names the cost keys {cost_keys}"
+            ) from None
+        actions = np.asarray(ep.get_actions(slice(0, n)), np.float32).reshape(n, -1)
+        if action_space is not None:
+            actions = normalize_actions(actions, action_space)
+        rewards = np.asarray(ep.get_rewards(slice(0, n)), np.float32)
+        for name, values in ((Columns.REWARDS, rewards), (COSTS, costs), (Columns.OBS, obs),
+                             (Columns.ACTIONS, actions)):
+            finite = np.isfinite(values).reshape(n + (name == Columns.OBS), -1).all(1)
+            if not finite.all():
+                step = int(np.argmin(finite))
+                raise NonFiniteError(
+                    f"the env returned a non-finite {name[:-1] if name != COSTS else 'cost'} at step "
+                    f"{ep.t_started + step} of episode {ep.id_}: {values.reshape(len(finite), -1)[step].tolist()}"
+                    " (NaN or infinity cannot be learned from; check the env or its wrappers)")
+        chunks.append({"id": ep.id_, "obs": obs, Columns.ACTIONS: actions, Columns.REWARDS: rewards, COSTS: costs,
+                       "terminated": bool(ep.is_terminated), "done": bool(ep.is_done)})
+    return chunks
 
 
 def normalize_actions(actions: np.ndarray, space) -> np.ndarray:

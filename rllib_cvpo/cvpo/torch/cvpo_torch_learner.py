@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
-from ray.rllib.policy.sample_batch import MultiAgentBatch
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
@@ -20,7 +21,7 @@ from rllib_cvpo.cvpo import estep
 from rllib_cvpo.cvpo.estep import qc_threshold
 from rllib_cvpo.cvpo.feedback import THRESHOLD_OFFSET
 from rllib_cvpo.cvpo.mstep import kl_mean_and_std, weighted_mle_loss
-from rllib_cvpo.cvpo.replay import BOOTSTRAP_DISCOUNT, COSTS
+from rllib_cvpo.cvpo.replay import BOOTSTRAP_DISCOUNT, COSTS, CostReplayBuffer
 
 CVPO_STATE = "cvpo_state"
 
@@ -62,6 +63,12 @@ class CVPOTorchLearner(TorchLearner):
         keep_freed_memory_in_process()
         super().build()
         self._world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self._rank = dist.get_rank() if self._world > 1 else 0
+        # The replay lives here, with the learner: the algorithm ships each new transition once, to one learner (see
+        # CVPO._store), and each learner samples its minibatches from its own shard (update_from_replay).
+        cfg = self.config
+        self.replay = CostReplayBuffer(-(-cfg.replay_capacity // self._world), cfg.cost_keys,
+                                       seed=None if cfg.seed is None else cfg.seed + self._rank)
         for module in self.module._rl_modules.values():
             if self._world > 1:
                 with torch.no_grad():
@@ -82,6 +89,22 @@ class CVPOTorchLearner(TorchLearner):
         self.last_estep: Dict[str, Dict[str, Any]] = {}
         self._threshold_cache: Dict[str, Tuple[Any, list]] = {}
         self._threshold_offset: Optional[list] = None
+
+    # -- the replay shard -----------------------------------------------------------------------------------------
+    def add_to_replay(self, chunks) -> int:
+        """Store episode chunks (``rllib_cvpo.cvpo.replay.episode_chunks``) in this learner's replay shard."""
+        return self.replay.add_chunks(chunks)
+
+    def update_from_replay(self, num_updates: int, timesteps: Dict[str, Any]):
+        """``num_updates`` CVPO updates, each on B = ``train_batch_size_per_learner`` n-step transitions drawn here
+        from this learner's shard; with several learners each draws its own B rows and the E-step solves the dual of
+        all of them (k B states). Returns :meth:`update`'s results."""
+        cfg = self.config
+        per_learner = cfg.train_batch_size_per_learner
+        columns = self.replay.sample(num_updates * per_learner, n_step=cfg.n_step, gamma=cfg.gamma)
+        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns[Columns.OBS]))
+        return self.update(batch=batch, minibatch_size=per_learner, num_epochs=1, shuffle_batch_per_epoch=False,
+                           timesteps=timesteps)
 
     @override(TorchLearner)
     def _make_modules_ddp_if_necessary(self) -> None:
@@ -127,6 +150,11 @@ class CVPOTorchLearner(TorchLearner):
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
         return time.perf_counter()
+
+    def _standard_normal_like(self, x: torch.Tensor) -> torch.Tensor:
+        """The update's random draws (next actions for the TD targets, the E-step's N actions per state): N(0, 1) of
+        x's shape. One place, so a test can give learners the same draws per state."""
+        return torch.randn_like(x, memory_format=torch.contiguous_format)
 
     def _allreduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         if self._world > 1:
@@ -205,7 +233,7 @@ class CVPOTorchLearner(TorchLearner):
         # (CAL). With qc_nonnegative the cost bootstrap is clamped at 0: costs are >= 0, so Q_c is.
         with torch.no_grad():
             mean_n, std_n = module.policy(next_obs)
-            a_next = torch.tanh(mean_n + std_n * torch.randn_like(mean_n))
+            a_next = torch.tanh(mean_n + std_n * self._standard_normal_like(mean_n))
             tqr, tqc = module.q_values(next_obs, a_next, target=True, combine=module.twin_qc)
             if cfg.qc_nonnegative:
                 tqc = tqc.clamp_min(0.0)
@@ -220,7 +248,7 @@ class CVPOTorchLearner(TorchLearner):
         # E-step: N actions per state from pi_old, all critics on all B*N of them in one forward, exact dual.
         with torch.no_grad():
             mean_o, std_o = module.policy(obs, module.pi_old)
-            u = mean_o + std_o * torch.randn(n, *mean_o.shape, dtype=mean_o.dtype, device=mean_o.device)
+            u = mean_o + std_o * self._standard_normal_like(mean_o.expand(n, *mean_o.shape))
             eqr, eqc = module.q_values_sampled(obs, torch.tanh(u), target=True)
             qr_s = eqr.min(0).values.reshape(n, batch_size).t()
             qc_s = eqc.reshape(m, n, batch_size).permute(2, 1, 0)
