@@ -34,3 +34,26 @@ def test_policy_lag_is_one_round_with_overlap_and_none_without(ray_local, overla
         assert algo.replay.num_added == result["env_runners"]["num_env_steps_sampled_lifetime"]
     finally:
         algo.stop()
+
+
+def test_evaluation_runs_parallel_to_training_on_its_own_runner_with_as_many_envs_as_episodes(ray_local):
+    # RLlib's evaluation_parallel_to_training: the evaluation runner plays its episodes while the training step
+    # samples and updates. Each iteration then reports exactly the evaluation's 4 episodes, one per env of its 4
+    # (not the training runners' 8, which would play 8 to count 4), and the iteration summary judges the policy by
+    # them.
+    algo = (small_config(num_steps_sampled_before_learning_starts=200)
+            .env_runners(num_env_runners=1, num_envs_per_env_runner=8)
+            .evaluation(evaluation_interval=1, evaluation_duration=4, evaluation_num_env_runners=1,
+                        evaluation_parallel_to_training=True)
+            .build_algo())
+    try:
+        assert algo.eval_env_runner_group.foreach_env_runner(lambda r: r.num_envs, local_env_runner=False) == [4]
+        for _ in range(2):
+            result = algo.train()
+            evaluation = result["evaluation"]["env_runners"]
+            assert evaluation["num_episodes"] == 4
+            assert result["cvpo"]["eval_cost"] == evaluation["episode_cost"]
+            assert result["cvpo"]["feasible"] == float(evaluation["episode_cost"] <= 25.0)
+        assert result["learners"]["default_policy"]["num_cvpo_updates"] > 0
+    finally:
+        algo.stop()
