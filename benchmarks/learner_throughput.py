@@ -107,8 +107,8 @@ def measure(batch: int, n: int, hidden: int, obs_dim: int, threads: int, calls: 
     from ray.rllib.core import DEFAULT_MODULE_ID
     from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
-    torch.set_num_threads(threads)
     group, replay = _build(batch, n, hidden, obs_dim, twin_q)
+    torch.set_num_threads(threads)  # after the build: the learner sets its own (learner_num_threads) when built
     learner = group._learner
     phases: dict = {}
     original = learner.metrics.log_dict

@@ -10,6 +10,8 @@ Three rates in env steps per second, measured one after the other in this proces
   (the env-step rate the learner could sustain);
 - training: ``Algorithm.train()`` after the random warm-up, env steps sampled per second of wall time, with
   sampling overlapped with learning (``overlap_sampling``, the default) and without.
+The learner runs on the torch threads ``learner_num_threads`` gives it by default (one beside an overlapped EnvRunner
+on two cores, two in the synchronous loop); "learner only" is measured at each loop's own thread count.
 Sampling and learning share the machine's two cores in the full loop, so the full loop cannot beat the slower stage
 measured alone; the ratio full / slowest says how much of it the loop keeps. With ``--no-evaluation`` the
 deterministic evaluation episodes after each iteration are left out (they are extra env steps, not training).
@@ -74,24 +76,27 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     print(f"{args.env}, the command's defaults, {platform.machine()} with {os.cpu_count()} CPUs"
           f"{', no evaluation' if args.no_evaluation else ', 10 evaluation episodes per iteration'}")
-    rates = {}
-    algo = build(True, not args.no_evaluation, args.env)
-    try:
-        rates["full loop, overlapped"] = training_rate(algo, args.iterations)
-        rates["sampling only"] = sampling_rate(algo, args.seconds)
-        rates["learner only"] = learner_rate(algo, args.seconds)
-    finally:
-        algo.stop()
-    algo = build(False, not args.no_evaluation, args.env)
-    try:
-        rates["full loop, synchronous"] = training_rate(algo, args.iterations)
-    finally:
-        algo.stop()
-    slowest = min(rates["sampling only"], rates["learner only"])
-    for name, rate in rates.items():
-        extra = f"  ({rate / slowest:.0%} of the slower stage)" if name.startswith("full") else ""
-        print(f"  {name:24s} {rate:8.1f} env steps/s{extra}")
+    import torch
 
+    rates, threads = {}, {}
+    for overlap in (True, False):
+        loop = "overlapped" if overlap else "synchronous"
+        algo = build(overlap, not args.no_evaluation, args.env)
+        try:
+            threads[loop] = torch.get_num_threads()  # the learner's (learner_num_threads, automatic here)
+            rates[f"full loop, {loop}"] = training_rate(algo, args.iterations)
+            if overlap:
+                rates["sampling only"] = sampling_rate(algo, args.seconds)
+            rates[f"learner only, {loop}"] = learner_rate(algo, args.seconds)
+        finally:
+            algo.stop()
+    for loop in ("overlapped", "synchronous"):
+        slowest = min(rates["sampling only"], rates[f"learner only, {loop}"])
+        print(f"  {loop} loop, learner on {threads[loop]} torch thread(s):")
+        print(f"    learner only  {rates[f'learner only, {loop}']:8.1f} env steps/s")
+        print(f"    full loop     {rates[f'full loop, {loop}']:8.1f} env steps/s  "
+              f"({rates[f'full loop, {loop}'] / slowest:.0%} of the slower stage)")
+    print(f"  sampling only   {rates['sampling only']:8.1f} env steps/s")
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,6 @@ Deterministic: a local EnvRunner, the learner in-process, one torch thread, fixe
 
 import numpy as np
 import pytest
-import torch
 
 from rllib_cvpo import CVPOConfig
 from rllib_cvpo.cvpo.evaluate import evaluate_module
@@ -23,7 +22,7 @@ def learning_config(seed, cost_limit=LIMIT):
         .env_runners(num_env_runners=0, rollout_fragment_length=50)
         .learners(num_learners=0)
         .training(cost_limit=cost_limit, gamma=0.97, num_steps_sampled_before_learning_starts=1000,
-                  updates_per_env_step=0.5)
+                  updates_per_env_step=0.5, learner_num_threads=1)
         .reporting(min_sample_timesteps_per_iteration=1000, min_time_s_per_iteration=0)
         .evaluation(evaluation_interval=None)
         .rl_module(model_config={"fcnet_hiddens": [64, 64]})
@@ -32,7 +31,6 @@ def learning_config(seed, cost_limit=LIMIT):
 
 
 def train_and_evaluate(config, env_steps):
-    torch.set_num_threads(1)
     algo = config.build_algo()
     try:
         while algo.train()["num_env_steps_sampled_lifetime"] < env_steps:

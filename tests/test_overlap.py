@@ -57,3 +57,38 @@ def test_evaluation_runs_parallel_to_training_on_its_own_runner_with_as_many_env
         assert result["learners"]["default_policy"]["num_cvpo_updates"] > 0
     finally:
         algo.stop()
+
+
+def test_the_learner_takes_the_cores_no_env_runner_samples_on():
+    from rllib_cvpo.cvpo.cvpo import learner_threads
+
+    config = small_config().env_runners(num_env_runners=1)
+    assert learner_threads(config, 2) == 1  # one core samples the next round while the learner updates
+    assert learner_threads(config.copy(copy_frozen=False).training(overlap_sampling=False), 2) == 2  # runners idle
+    assert learner_threads(small_config().env_runners(num_env_runners=0), 2) == 2  # sampling in this process
+    assert learner_threads(config.copy(copy_frozen=False).env_runners(num_env_runners=3), 16) == 13
+    assert learner_threads(config.copy(copy_frozen=False).env_runners(num_env_runners=4), 2) == 1
+    parallel_evaluation = config.copy(copy_frozen=False).evaluation(evaluation_num_env_runners=1,
+                                                                    evaluation_parallel_to_training=True)
+    assert learner_threads(parallel_evaluation, 4) == 2
+    remote = config.copy(copy_frozen=False).learners(num_learners=2, num_cpus_per_learner=3)
+    assert learner_threads(remote, 2) == 3
+    assert learner_threads(config.copy(copy_frozen=False).training(learner_num_threads=4), 2) == 4
+    with pytest.raises(ValueError, match=r"learner_num_threads must be None \(automatic\) or an integer >= 1, got 0"):
+        small_config(learner_num_threads=0).validate()
+
+
+def test_a_local_learner_sets_its_threads_when_built(ray_local):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for runners, threads in ((1, 1), (0, 2)):  # Ray has 2 CPUs here: one overlapped EnvRunner; none
+            torch.set_num_threads(3 - threads)
+            algo = small_config().env_runners(num_env_runners=runners).build_algo()
+            try:
+                assert torch.get_num_threads() == threads
+            finally:
+                algo.stop()
+    finally:
+        torch.set_num_threads(before)

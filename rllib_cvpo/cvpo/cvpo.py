@@ -106,6 +106,7 @@ class CVPOConfig(AlgorithmConfig):
         self.updates_per_env_step = 0.25
         self.store_buffer_in_checkpoints = True
         self.overlap_sampling = True
+        self.learner_num_threads = None
         # RLlib settings with CVPO-specific defaults.
         self.gamma = 0.99
         self.lr = None
@@ -166,6 +167,7 @@ class CVPOConfig(AlgorithmConfig):
         updates_per_env_step=NotProvided,
         store_buffer_in_checkpoints=NotProvided,
         overlap_sampling=NotProvided,
+        learner_num_threads=NotProvided,
         **kwargs,
     ) -> "CVPOConfig":
         """Sets CVPO's training settings. Symbols follow the paper; [FSRL] / [ORIG] / [ours] give each default's source.
@@ -232,6 +234,12 @@ class CVPOConfig(AlgorithmConfig):
                 the last (RLlib's async EnvRunner requests, as APPO/IMPALA use them), so the episodes a step trains
                 on were collected with the weights from before the previous update: a policy lag of exactly one
                 round, where the synchronous loop (False) has none (default True [ours]).
+            learner_num_threads: torch threads of each learner's update (default None [ours]: a learner in this
+                process takes this machine's CPUs that no EnvRunner samples on while it updates, i.e. all of them
+                without overlapped sampling and one fewer per overlapped local EnvRunner; a remote learner takes
+                ``num_cpus_per_learner``, at least 1). Measured on 2 cores (docs/benchmarks.md section 2): one
+                thread beside an overlapped EnvRunner, two in the synchronous loop; torch's own default (every
+                core) oversubscribes the machine while an EnvRunner samples.
             kwargs: RLlib's own settings: ``gamma`` (default 0.99 [ORIG]; [FSRL] 0.995),
                 ``train_batch_size_per_learner`` (B, default 256 [FSRL]), ...; set elsewhere: 8 envs per EnvRunner,
                 100-step fragments, 5000 env steps per iteration, 10 deterministic evaluation episodes per iteration.
@@ -413,6 +421,11 @@ class CVPOConfig(AlgorithmConfig):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 errors.append(f"{name} must be an integer >= {lo}, got {v!r}")
         number("qc_pessimism", 0)
+        if self.learner_num_threads is not None and (not isinstance(self.learner_num_threads, int)
+                                                     or isinstance(self.learner_num_threads, bool)
+                                                     or self.learner_num_threads < 1):
+            errors.append(f"learner_num_threads must be None (automatic) or an integer >= 1, got "
+                          f"{self.learner_num_threads!r}")
         if self.pi_old_sync not in ("polyak", "round"):
             errors.append(f"pi_old_sync must be 'polyak' or 'round', got {self.pi_old_sync!r}")
         if self.twin_qc and self.qc_ensemble != 1:
@@ -813,3 +826,19 @@ def _set_replay_state(learner, shard_state=None, shard_refs=None) -> None:
     if shard_refs is not None:
         shard_state = ray.get(shard_refs[learner._rank])
     learner.replay.set_state(shard_state)
+
+
+def learner_threads(config: "CVPOConfig", node_cpus: int) -> int:
+    """Torch threads for a learner's update (``learner_num_threads``; see ``CVPOConfig.training``). ``node_cpus``:
+    the CPUs of the machine a local learner runs on."""
+    if config.learner_num_threads is not None:
+        return int(config.learner_num_threads)
+    if config.num_learners > 0:
+        cpus = config.num_cpus_per_learner
+        return max(1, int(cpus)) if isinstance(cpus, (int, float)) else 1
+    busy = 0.0  # CPUs of EnvRunners that sample while the local learner updates
+    if config.overlap_sampling and config.num_env_runners > 0:
+        busy += config.num_env_runners * float(config.num_cpus_per_env_runner or 1)
+    if config.evaluation_parallel_to_training and config.evaluation_num_env_runners > 0:
+        busy += config.evaluation_num_env_runners * float(config.num_cpus_per_env_runner or 1)
+    return max(1, int(node_cpus - busy))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
 from ray.rllib.core.columns import Columns
@@ -61,6 +63,15 @@ class CVPOTorchLearner(TorchLearner):
     @override(TorchLearner)
     def build(self) -> None:
         keep_freed_memory_in_process()
+        from rllib_cvpo.cvpo.cvpo import learner_threads
+
+        # Torch's default (a thread per core) oversubscribes the machine while an EnvRunner samples beside the
+        # update; a remote learner gets what it was allocated (RLlib sets no thread count of its own).
+        node_cpus = os.cpu_count() or 1
+        if ray.is_initialized():
+            node_cpus = min(node_cpus, int(ray.cluster_resources().get("CPU", node_cpus))) if len(ray.nodes()) == 1 \
+                else node_cpus
+        torch.set_num_threads(learner_threads(self.config, node_cpus))
         super().build()
         self._world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._rank = dist.get_rank() if self._world > 1 else 0
