@@ -29,7 +29,8 @@ MAX_BODY_BYTES = 8 * 1024 * 1024  # a batch of ~100k numbers
 MAX_DEPTH = 32  # nesting of the JSON body
 MAX_BATCH = 64
 BATCH_WAIT_S = 0.002
-MAX_ONGOING = 64
+MAX_ONGOING = 256  # in progress per replica: the batch handler forms passes of MAX_BATCH from them; with 64 the
+# replica bounced requests back to Serve's router, which retried them with growing back-off (docs/benchmarks.md s. 6)
 MAX_QUEUED = 256
 
 Nested = TypeAliasType("Nested", Union[float, List["Nested"]])
