@@ -15,19 +15,23 @@ from helpers import small_config
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def _snapshot(learner):
+def _learner_snapshot(learner):
     module = learner.module["default_policy"].unwrapped()
-    weights = {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
-    optim = {
-        name: [s["exp_avg"].cpu().numpy().copy() for s in opt.state_dict()["state"].values()]
-        for name, opt in learner.get_optimizers_for_module("default_policy")
+    return {
+        "rank": learner._rank,
+        "weights": {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()},
+        "optim": {name: [s[m].cpu().numpy().copy() for s in opt.state_dict()["state"].values()
+                         for m in ("exp_avg", "exp_avg_sq")]
+                  for name, opt in learner.get_optimizers_for_module("default_policy")},
+        "duals": {k: np.array(v, dtype=float) for k, v in learner._cvpo["default_policy"].items()},
     }
+
+
+def _snapshot(learner):
+    """The learner's state and its last E-step's shard of the dual problem."""
     last = learner.last_estep["default_policy"]
     return {
-        "rank": torch.distributed.get_rank(),
-        "weights": weights,
-        "optim": optim,
-        "duals": {k: np.array(v, dtype=float) for k, v in learner._cvpo["default_policy"].items()},
+        **_learner_snapshot(learner),
         "qr": last["qr"].double().cpu().numpy(),
         "qc": last["qc"].double().cpu().numpy(),
         "thresholds": list(last["thresholds"]),
@@ -124,18 +128,6 @@ def _same_draws_per_state(x):
     return torch.sin(5.0 * x + 1.3 * k)
 
 
-def _learner_snapshot(learner):
-    module = learner.module["default_policy"].unwrapped()
-    return {
-        "rank": learner._rank,
-        "weights": {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()},
-        "optim": {name: [s[m].cpu().numpy().copy() for s in opt.state_dict()["state"].values()
-                         for m in ("exp_avg", "exp_avg_sq")]
-                  for name, opt in learner.get_optimizers_for_module("default_policy")},
-        "duals": {k: np.array(v, dtype=float) for k, v in learner._cvpo["default_policy"].items()},
-    }
-
-
 def _update_on(learner, batches, minibatch_size):
     """One update of this learner on its own batch (batches[rank]), with the per-state draws."""
     from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
@@ -172,11 +164,14 @@ def _assert_same(a, b, exact, what):
         check(np.atleast_1d(a["duals"][key]), np.atleast_1d(b["duals"][key]), err_msg=f"{what}: {key}")
 
 
-def test_the_replay_is_sharded_over_the_learners_and_save_restore_continue_is_exact(ray_local, tmp_path):
+def test_the_replay_is_sharded_over_the_learners_resumes_exactly_and_an_update_equals_one_on_the_combined_batch(
+        ray_local, tmp_path):
     from rllib_cvpo import CVPO
     from rllib_cvpo.checkpoints import CheckpointError
 
-    config = small_config(updates_per_env_step=0.5).learners(num_learners=2, num_cpus_per_learner=0.5)
+    base = dict(updates_per_env_step=0.5, cost_limit=1.0)  # a limit the early policy exceeds: lambda > 0
+    config = small_config(**base).learners(num_learners=2, num_cpus_per_learner=0.5)
+    size = config.train_batch_size_per_learner
     algo = config.build_algo()
     try:
         for _ in range(2):
@@ -188,13 +183,14 @@ def test_the_replay_is_sharded_over_the_learners_and_save_restore_continue_is_ex
         assert sum(algo._shard_sizes) == sampled and min(algo._shard_sizes) > 0
         # Rows trained are counted once each: B per update on each of the 2 learners.
         assert result["learners"]["__all_modules__"]["num_env_steps_trained_lifetime"] == \
-            result["learners"]["default_policy"]["num_cvpo_updates"] * 2 * config.train_batch_size_per_learner
+            result["learners"]["default_policy"]["num_cvpo_updates"] * 2 * size
         path = algo.save_to_path(str(tmp_path / "ckpt"))
         continued = sorted(algo._foreach_learner(_updates_from_replay, num_updates=3), key=lambda s: s["rank"])
     finally:
         algo.stop()
 
     restored = CVPO.from_checkpoint(path)
+    single = small_config(**base, train_batch_size_per_learner=2 * size).build_algo()
     try:
         again = restored.replay_states()
         assert len(again) == 2
@@ -205,39 +201,26 @@ def test_the_replay_is_sharded_over_the_learners_and_save_restore_continue_is_ex
             np.testing.assert_array_equal(back["links"], saved["links"])
         # The same 3 updates from the restored shards: bit for bit what the original run did after its save.
         resumed = sorted(restored._foreach_learner(_updates_from_replay, num_updates=3), key=lambda s: s["rank"])
-    finally:
-        restored.stop()
-    assert resumed[0]["duals"]["num_updates"] == continued[0]["duals"]["num_updates"] > 3
-    for a, b in zip(continued, resumed):
-        _assert_same(a, b, exact=True, what=f"rank {a['rank']}")
+        assert resumed[0]["duals"]["num_updates"] == continued[0]["duals"]["num_updates"] > 3
+        for a, b in zip(continued, resumed):
+            _assert_same(a, b, exact=True, what=f"rank {a['rank']}")
 
-    # A checkpoint of 2 shards cannot be spread over 1 learner: one clear error.
-    single = small_config(updates_per_env_step=0.5).build_algo()
-    try:
+        # A checkpoint of 2 shards cannot be spread over 1 learner: one clear error.
         with pytest.raises(CheckpointError, match=r"split over 2 learner\(s\), this run has 1 .*num_learners=2"):
             single.restore_from_path(path)
-    finally:
-        single.stop()
 
-
-def test_one_update_on_two_learners_equals_one_learner_on_the_combined_batch(ray_local):
-    base = dict(updates_per_env_step=0.5, cost_limit=1.0)
-    two = small_config(**base).learners(num_learners=2, num_cpus_per_learner=0.5).build_algo()
-    size = two.config.train_batch_size_per_learner
-    one = small_config(**base, train_batch_size_per_learner=2 * size).build_algo()
-    try:
-        for _ in range(2):  # moves weights, Adam moments and duals away from their initial values
-            two.train()
-        one.learner_group.set_state(two.learner_group.get_state())
-        cfg = two.config
-        batches = two._foreach_learner(_sample_shard, size=size, n_step=cfg.n_step, gamma=cfg.gamma)
-        split = sorted(two._foreach_learner(_update_on, batches=batches, minibatch_size=size),
+        # One update on the two learners (B rows each) equals one update of a single learner on their 2 B rows,
+        # from the same state and with the same draws per state.
+        single.learner_group.set_state(restored.learner_group.get_state())
+        cfg = restored.config
+        batches = restored._foreach_learner(_sample_shard, size=size, n_step=cfg.n_step, gamma=cfg.gamma)
+        split = sorted(restored._foreach_learner(_update_on, batches=batches, minibatch_size=size),
                        key=lambda s: s["rank"])
         combined = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-        whole = one._foreach_learner(_update_on, batches=[combined], minibatch_size=2 * size)[0]
+        whole = single._foreach_learner(_update_on, batches=[combined], minibatch_size=2 * size)[0]
     finally:
-        two.stop()
-        one.stop()
+        restored.stop()
+        single.stop()
     _assert_same(split[0], split[1], exact=True, what="the two learners")
     assert split[0]["duals"]["lam"][0] > 0, split[0]["duals"]  # the constraint is active: not just 0 = 0
     _assert_same(split[0], whole, exact=False, what="two learners against one on the combined batch")

@@ -10,8 +10,15 @@ from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
 @pytest.mark.parametrize("overlap, lag", [(True, 1), (False, 0)])
 def test_policy_lag_is_one_round_with_overlap_and_none_without(ray_local, overlap, lag):
+    import torch
+
+    # The learner in this process takes the cores no EnvRunner samples on while it updates (Ray has 2 CPUs here).
+    threads, before = (1 if overlap else 2), torch.get_num_threads()
+    torch.set_num_threads(3 - threads)
     algo = small_config(overlap_sampling=overlap, num_steps_sampled_before_learning_starts=200) \
         .env_runners(num_env_runners=1).build_algo()
+    assert torch.get_num_threads() == threads
+    torch.set_num_threads(before)
     learner = algo.learner_group._learner
     lags = []
     original = algo._store
@@ -77,18 +84,3 @@ def test_the_learner_takes_the_cores_no_env_runner_samples_on():
     with pytest.raises(ValueError, match=r"learner_num_threads must be None \(automatic\) or an integer >= 1, got 0"):
         small_config(learner_num_threads=0).validate()
 
-
-def test_a_local_learner_sets_its_threads_when_built(ray_local):
-    import torch
-
-    before = torch.get_num_threads()
-    try:
-        for runners, threads in ((1, 1), (0, 2)):  # Ray has 2 CPUs here: one overlapped EnvRunner; none
-            torch.set_num_threads(3 - threads)
-            algo = small_config().env_runners(num_env_runners=runners).build_algo()
-            try:
-                assert torch.get_num_threads() == threads
-            finally:
-                algo.stop()
-    finally:
-        torch.set_num_threads(before)
