@@ -167,6 +167,7 @@ def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     groups = [(collect_curves(run_dirs), ("tab:blue", "tab:orange"), run_dirs)]
     if baseline:
@@ -195,6 +196,8 @@ def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] 
         if metric == "cost":
             ax.axhline(limit, color="red", linestyle="--", label=f"cost limit {limit:g}")
         ax.set_xlabel("env steps")
+        # 100k rather than 100000: six-digit tick labels run into each other
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k" if abs(x) >= 1000 else f"{x:g}"))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
