@@ -592,8 +592,8 @@ class CVPO(Algorithm):
         return sampled, costs
 
     def _foreach_learner(self, func, **kwargs) -> list:
-        """``func(learner, **kwargs)`` on every learner (the local one, or each remote one); results in rank order,
-        the first error raised."""
+        """``func(learner, **kwargs)`` on every learner (the local one, or each remote one): one result per learner
+        (in the learner group's actor order; a learner's rank is ``learner._rank``), the first error raised."""
         results = []
         for result in self.learner_group.foreach_learner(func, **kwargs):
             value = result.get()
