@@ -572,24 +572,27 @@ class CVPO(Algorithm):
         sampled = sum(len(c[COSTS]) for c in chunks)
         costs = np.sum([c[COSTS].sum(0, dtype=np.float64) for c in chunks], axis=0) if chunks \
             else np.zeros(len(cfg.cost_keys))
-        if self.learner_group.is_local:
-            self._foreach_learner(_add_to_replay, chunks=chunks)
-            self._shard_sizes[0] += sampled
-            return sampled, costs
         shards = [[] for _ in self._shard_sizes]
         for chunk in chunks:
-            shard = self._episode_shard.pop(chunk["id"], None)
+            shard = self._episode_shard.pop(chunk["id"], None) if len(shards) > 1 else 0
             if shard is None:
                 shard = int(np.argmin(self._shard_sizes))
             shards[shard].append(chunk)
             self._shard_sizes[shard] += len(chunk[COSTS])
-            if not chunk["done"]:
+            if len(shards) > 1 and not chunk["done"]:
                 self._episode_shard[chunk["id"]] = shard
         if len(self._episode_shard) > 100_000:  # episodes that never ended (e.g. an EnvRunner restarted)
             self._episode_shard.clear()
-        # One object per shard; each learner fetches only its own.
-        self._foreach_learner(_add_to_replay, shard_refs=[ray.put(shard) for shard in shards])
+        self._to_learners(_add_to_replay, shards)
         return sampled, costs
+
+    def _to_learners(self, func, per_learner: list) -> list:
+        """``func(learner, data)`` on each learner with its own item of ``per_learner`` (indexed by rank): passed
+        directly to a local learner, else put in the object store once per item, each learner fetching only its
+        own."""
+        if self.learner_group.is_local:
+            return self._foreach_learner(func, data=per_learner[0])
+        return self._foreach_learner(func, refs=[ray.put(item) for item in per_learner])
 
     def _foreach_learner(self, func, **kwargs) -> list:
         """``func(learner, **kwargs)`` on every learner (the local one, or each remote one): one result per learner
@@ -795,10 +798,7 @@ class CVPO(Algorithm):
                     f"the checkpoint's replay is split over {len(shards)} learner(s), this run has "
                     f"{len(self._shard_sizes)} (num_learners={self.config.num_learners}): restore it with "
                     f"num_learners={len(shards) if len(shards) > 1 else '0 or 1'}")
-            if self.learner_group.is_local:
-                self._foreach_learner(_set_replay_state, shard_state=shards[0])
-            else:
-                self._foreach_learner(_set_replay_state, shard_refs=[ray.put(shard) for shard in shards])
+            self._to_learners(_set_replay_state, shards)
             self._shard_sizes = [int(x) for x in saved.get("shard_sizes", [shard["num_added"] for shard in shards])]
             self._episode_shard = {}
             self._update_credit = float(saved["credit"])
@@ -808,10 +808,13 @@ class CVPO(Algorithm):
 
 
 # Functions the algorithm runs on its learners (module level: remote learners import them by name).
-def _add_to_replay(learner, chunks=None, shard_refs=None) -> int:
-    if shard_refs is not None:
-        chunks = ray.get(shard_refs[learner._rank])
-    return learner.add_to_replay(chunks)
+def _own(learner, data=None, refs=None):
+    """A learner's item of CVPO._to_learners: given directly, or its own object among the refs."""
+    return ray.get(refs[learner._rank]) if refs is not None else data
+
+
+def _add_to_replay(learner, data=None, refs=None) -> int:
+    return learner.add_to_replay(_own(learner, data, refs))
 
 
 def _update_from_replay(learner, num_updates, timesteps):
@@ -822,10 +825,8 @@ def _replay_state(learner):
     return learner._rank, learner.replay.get_state()
 
 
-def _set_replay_state(learner, shard_state=None, shard_refs=None) -> None:
-    if shard_refs is not None:
-        shard_state = ray.get(shard_refs[learner._rank])
-    learner.replay.set_state(shard_state)
+def _set_replay_state(learner, data=None, refs=None) -> None:
+    learner.replay.set_state(_own(learner, data, refs))
 
 
 def learner_threads(config: "CVPOConfig", node_cpus: int) -> int:
