@@ -68,16 +68,31 @@ def run_cli(*args, timeout=600, env=None, **kw):
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
 
+def start_cli(log_path, *args, **popen_kw) -> subprocess.Popen:
+    """Start the command in the background with stdout and stderr written to ``log_path``. The log file is closed in
+    this process at once (the command keeps its own descriptor), so no test leaves it open."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen([*CLI, *map(str, args)], stdout=log, stderr=subprocess.STDOUT, **popen_kw)
+
+
 def gcs_address(ray):
     """The shared test Ray's address, for a command's --address."""
     return ray.get_runtime_context().gcs_address
 
 
+def result_rows(trial: Path) -> list:
+    """Every row of a trial's result.json, repeats included; [] before the file exists. A last line that Tune is
+    still writing (no newline yet) is left out, so polling a live run never reads half a JSON object."""
+    f = Path(trial) / "result.json"
+    if not f.is_file():
+        return []
+    return [json.loads(line) for line in f.read_text().split("\n")[:-1] if line.strip()]
+
+
 def trial_results(run_dir: Path):
     """(the trial directory, every result.json row, repeats included) of a single-trial run directory."""
     trial = next(p for p in Path(run_dir).iterdir() if (p / "result.json").is_file())
-    rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
-    return trial, rows
+    return trial, result_rows(trial)
 
 
 def iterations_logged(run_dir: Path) -> int:

@@ -3,17 +3,14 @@ Ctrl-C and a crash mid-run, then --resume. Training runs join the tests' shared 
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import CLI, SMALL_SETTINGS, iterations_logged, run_cli
+from helpers import SMALL_SETTINGS, iterations_logged, run_cli, start_cli
 from helpers import gcs_address as _address
 from helpers import learner_state as _learner_state
 from helpers import trial_results as _results
@@ -172,8 +169,7 @@ def test_interrupt_and_crash_then_resume_continue_steps_and_duals(ray_local, sma
     run_dir = tmp_path / "resumable"
     args = ["train", "--env", "SpeedLimit-v0", "--total-env-steps", 6000, "--env-runners", 0, "--config", small_yaml,
             "--output", tmp_path, "--name", "resumable", "--address", address]
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = start_cli(tmp_path / "first.log", *args)
     try:
         _wait_for(lambda: iterations_logged(run_dir) >= 2, 300, "two iterations", proc)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
@@ -194,9 +190,7 @@ def test_interrupt_and_crash_then_resume_continue_steps_and_duals(ray_local, sma
     assert json.loads((latest / "cvpo_metadata.json").read_text())["env_steps"] == stopped_at
 
     # Resume, then crash (SIGKILL, no chance to save) after one more iteration; resume again to the end.
-    log2 = open(tmp_path / "second.log", "w")
-    proc = subprocess.Popen([*CLI, "train", "--resume", str(run_dir), "--address", address], stdout=log2,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_cli(tmp_path / "second.log", "train", "--resume", run_dir, "--address", address)
     try:
         _wait_for(lambda: len(_results(run_dir)[1]) >= len(rows) + 1, 300, "an iteration after resuming", proc)
         proc.kill()
@@ -209,8 +203,10 @@ def test_interrupt_and_crash_then_resume_continue_steps_and_duals(ray_local, sma
     # Steps and the learner state continued from the checkpoint instead of starting over.
     assert first_resumed["cvpo"]["env_steps"] == stopped_at + 1000
     assert first_resumed["training_iteration"] == rows[-1]["training_iteration"] + 1
+    # Exactly one iteration's updates on top of the checkpoint's count: 1000 env steps x 0.25 updates per env step
+    # (the fractional update credit is in the checkpoint too).
     updates = first_resumed["learners"]["default_policy"]["num_cvpo_updates"]
-    assert updates > saved["default_policy"]["num_updates"]
+    assert updates == saved["default_policy"]["num_updates"] + 250
 
     time.sleep(2)  # let the killed driver's trial actor be cleaned up
     final = run_cli("train", "--resume", run_dir, "--address", address)
@@ -222,7 +218,8 @@ def test_interrupt_and_crash_then_resume_continue_steps_and_duals(ray_local, sma
     assert steps == list(range(1000, 6001, 1000))  # never restarted from 0
     end_state = _learner_state(max(trial.glob("checkpoint_*")))
     assert end_state["__env_steps__"] == 6000
-    assert end_state["default_policy"]["num_updates"] > updates
+    iterations_after = (6000 - first_resumed["cvpo"]["env_steps"]) // 1000
+    assert end_state["default_policy"]["num_updates"] == updates + 250 * iterations_after
 
 
 def _summary(limit, evaluation, runners=None):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import free_port, sweep_yaml
+from helpers import free_port, result_rows, sweep_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_YAMLS = sorted(p.name for p in (REPO / "cluster").glob("*.yaml") if "kuberay" not in p.name)
@@ -143,7 +143,7 @@ def test_job_submitted_to_a_two_node_cluster_runs_a_sweep_with_env_runners_on_th
         trials = sorted((storage / "two_node").glob("CVPO_*"))
         assert len(trials) == 2
         for trial in trials:
-            rows = [json.loads(x) for x in (trial / "result.json").read_text().splitlines() if x.strip()]
+            rows = result_rows(trial)
             assert rows[-1]["cvpo"]["env_steps"] >= 1000
             assert any(p.is_dir() for p in trial.glob("checkpoint_*"))
 

@@ -36,6 +36,22 @@ def test_remote_env_runner_samples_safety_task_with_every_step_cost(ray_local):
         steps += len(ep)
     assert steps >= 1200 and len(costs) == steps
     assert np.isfinite(costs).all()
+
+    # The same check on steps that do have a cost (random actions may cross no hazard, and 0 == 0 proves nothing):
+    # in the EnvRunner's process, on the env it built, seed 2 with a constant forward-and-turn action crosses hazards
+    # (as in test_envs).
+    def drive(self):
+        env = self.env.unwrapped.envs[0]
+        env.reset(seed=2)
+        out = []
+        for _ in range(500):
+            *_, info = env.step(np.array([1.0, 0.3]))
+            out.append((info["cost"], sum(v for k, v in info.items() if k.startswith("cost_") and k != "cost_sum")))
+        return out
+
+    driven = np.array(ray.get(runner.__ray_call__.remote(drive)))
+    assert driven[:, 0].sum() > 0
+    np.testing.assert_allclose(driven[:, 0], driven[:, 1])
     ray.kill(runner)
 
 

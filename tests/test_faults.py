@@ -8,14 +8,13 @@ Ray at once, as a machine losing power or an OOM kill of the session would; the 
 import json
 import os
 import signal
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from helpers import (CLI, SMALL_SETTINGS, gcs_address, iterations_logged, learner_state, ray_worker_pids, run_cli,
-                     sweep_yaml, trial_results, wait_for)
+from helpers import (SMALL_SETTINGS, gcs_address, iterations_logged, learner_state, ray_worker_pids, result_rows, run_cli,
+                     start_cli, sweep_yaml, trial_results, wait_for)
 
 from rllib_cvpo.checkpoints import LOCK_FILE, complete_checkpoints, incomplete_reason
 from rllib_cvpo.runs import read_results
@@ -39,12 +38,10 @@ def kill_run_at(failpoint: str, run_dir: Path, small_yaml: Path) -> None:
     env = dict(os.environ, PYTHONWARNINGS="ignore", RLLIB_CVPO_FAILPOINT=failpoint,
                RLLIB_CVPO_FAILPOINT_MARKER=str(marker), RLLIB_CVPO_FAULT_TAG=tag,
                PYTHONPATH=os.pathsep.join([str(FAILPOINTS), os.environ.get("PYTHONPATH", "")]))
-    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
     args = ["train", "--env", "SpeedLimit-v0", "--total-env-steps", TOTAL, "--env-runners", 0, "--config",
             small_yaml, "--output", run_dir.parent, "--name", run_dir.name]
-    proc = subprocess.Popen([*CLI, *map(str, args)],
-                            stdout=log, stderr=subprocess.STDOUT, env={k: str(v) for k, v in env.items()},
-                            start_new_session=True)
+    proc = start_cli(run_dir.parent / f"{run_dir.name}.log", *args, env={k: str(v) for k, v in env.items()},
+                     start_new_session=True)
     try:
         wait_for(marker.exists, 600, f"the failpoint {failpoint}", proc)
     finally:
@@ -144,10 +141,9 @@ def test_kill_during_a_checkpoint_rotation_then_resume(ray_local, small_yaml, tm
 
 def test_a_second_resume_of_a_live_run_is_refused(ray_local, small_yaml, tmp_path):
     run_dir = tmp_path / "live"
-    log = open(tmp_path / "live.log", "w")
     args = ["train", "--env", "SpeedLimit-v0", "--total-env-steps", 3000, "--env-runners", 0, "--config", small_yaml,
             "--output", tmp_path, "--name", "live", "--address", gcs_address(ray_local)]
-    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=log, stderr=subprocess.STDOUT)
+    proc = start_cli(tmp_path / "live.log", *args)
     try:
         wait_for(lambda: (run_dir / "tuner.pkl").exists(), 300, "the run to start", proc)
         second = run_cli("train", "--resume", run_dir, "--address", gcs_address(ray_local))
@@ -183,8 +179,7 @@ def test_an_env_runner_killed_mid_run_is_restarted_and_the_run_completes(ray_loc
     run_dir = tmp_path / "runner_killed"
     args = ["train", "--env", "SpeedLimit-v0", "--total-env-steps", 4000, "--env-runners", 1, "--config", small_yaml,
             "--output", tmp_path, "--name", run_dir.name, "--address", gcs_address(ray_local)]
-    log = open(tmp_path / "runner_killed.log", "w")
-    proc = subprocess.Popen([*CLI, *map(str, args)], stdout=log, stderr=subprocess.STDOUT)
+    proc = start_cli(tmp_path / "runner_killed.log", *args)
 
     def runner_pids():
         return ray_worker_pids(ray_local, b"ray::SingleAgentEnvRunner")
@@ -215,11 +210,9 @@ def test_a_trial_killed_in_a_sweep_is_retried_from_its_checkpoint_and_the_sweep_
     path.write_text(sweep_yaml("killed_trial", 3000, tail="resources: {env_runners: 0}\nmax_concurrent_trials: 1\n"
                                                          "max_failures: 1\nloggers: [mlflow]\n"))
     storage = tmp_path / "store"
-    log = open(tmp_path / "sweep.log", "w")
     mlruns = (tmp_path / "mlruns").as_uri()
-    proc = subprocess.Popen([*CLI, "sweep", str(path), "--storage", str(storage), "--address",
-                             gcs_address(ray_local)], stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, MLFLOW_TRACKING_URI=mlruns))
+    proc = start_cli(tmp_path / "sweep.log", "sweep", path, "--storage", storage, "--address", gcs_address(ray_local),
+                     env=dict(os.environ, MLFLOW_TRACKING_URI=mlruns))
 
     def first_trial_checkpointed():
         trials = sorted((storage / "killed_trial").glob("CVPO_*"))
@@ -238,7 +231,7 @@ def test_a_trial_killed_in_a_sweep_is_retried_from_its_checkpoint_and_the_sweep_
     assert "The actor died unexpectedly" in (trials[0] / "error.txt").read_text()  # Tune saw the kill, then retried
     for trial in trials:  # both complete; the killed one continued from its checkpoint, never from 0
         assert read_results(trial)["env_steps"].tolist() == [1000, 2000, 3000]
-    first_rows = [json.loads(x) for x in (trials[0] / "result.json").read_text().splitlines() if x.strip()]
+    first_rows = result_rows(trials[0])
     assert [r["cvpo"]["env_steps"] for r in first_rows][0] == 1000
     assert sum(r["cvpo"]["env_steps"] == 1000 for r in first_rows) == 1
     best = report(storage / "killed_trial")["best"]

@@ -3,7 +3,6 @@
 Deterministic: a local EnvRunner, the learner in-process, one torch thread, fixed seeds, min_time_s_per_iteration=0.
 """
 
-import numpy as np
 import pytest
 
 from rllib_cvpo import CVPOConfig

@@ -16,3 +16,30 @@ def test_sampled_action_evaluation_equals_evaluation_on_repeated_observations():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # Row n * B + b is action n of state b.
     torch.testing.assert_close(got[:, 3 * 64 + 5], critics(obs[5:6], actions[3, 5:6])[:, 0], rtol=1e-5, atol=1e-5)
+
+
+
+def _policy_module(model_config):
+    import gymnasium as gym
+    import numpy as np
+
+    from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import CVPOTorchRLModule
+
+    box = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    return CVPOTorchRLModule(observation_space=box, action_space=gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
+                             model_config=model_config)
+
+
+def test_init_std_sets_the_policys_starting_std_for_every_state_and_is_validated():
+    import pytest
+    from helpers import small_config
+
+    torch.manual_seed(0)
+    config = small_config(init_std=0.3)
+    _, std = _policy_module(config.model_config).policy(torch.randn(16, 2) * 5)  # (the config's model_config)
+    torch.testing.assert_close(std, torch.full((16, 2), 0.3))
+    _, std = _policy_module(small_config().model_config).policy(torch.randn(16, 2) * 5)
+    assert std.min() > 0.5 and std.std() > 0  # without it: the network's own output, state-dependent, about 1
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="init_std"):
+            small_config(init_std=bad).validate()

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -11,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from helpers import CLI, free_port, interrupt, run_cli, small_config
+from helpers import CLI, free_port, interrupt, run_cli, small_config, start_cli
 
 
 def _request(url, body=None, raw=None, timeout=30):
@@ -45,9 +44,8 @@ def test_served_policy_answers_like_evaluate_and_survives_bad_requests(ray_local
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([*CLI, "serve", checkpoint, "--port", str(port), "--address",
-                             ray_local.get_runtime_context().gcs_address], stdout=log, stderr=subprocess.STDOUT)
+    proc = start_cli(tmp_path / "serve.log", "serve", checkpoint, "--port", port, "--address",
+                     ray_local.get_runtime_context().gcs_address)
     try:
         deadline = time.time() + 180
         while True:

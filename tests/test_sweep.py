@@ -4,18 +4,16 @@ report's choice of the best feasible configuration."""
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import sweep_yaml
+from helpers import CLI, result_rows, start_cli, sweep_yaml
 from rllib_cvpo.sweep import load_sweep, report
 from rllib_cvpo.training import ConfigFileError
 
-CLI = [sys.executable, "-m", "rllib_cvpo.cli"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -146,11 +144,6 @@ def test_report_picks_the_feasible_best_not_the_highest_return(tmp_path):
 SWEEP = sweep_yaml("interrupted", 2000, tail="resources: {env_runners: 0}\nmax_concurrent_trials: 1\n")
 
 
-def _rows(trial: Path):
-    f = trial / "result.json"
-    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
-
-
 @pytest.mark.parametrize("second_started", [True, False])
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, tmp_path, second_started):
     """Interrupted while the second trial runs (the first finished), or while the first runs and the second has not
@@ -160,20 +153,18 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, 
     path.write_text(SWEEP)
     storage = tmp_path / "store"
     sweep_dir = storage / "interrupted"
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen([*CLI, "sweep", str(path), "--storage", str(storage), "--address", address],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = start_cli(tmp_path / "first.log", "sweep", path, "--storage", storage, "--address", address)
 
     def trials():
         return sorted(p for p in sweep_dir.glob("CVPO_*") if p.is_dir()) if sweep_dir.is_dir() else []
 
     def first_done_second_started():
-        ts = [t for t in trials() if _rows(t)]
-        done = [t for t in ts if _rows(t)[-1]["cvpo"]["env_steps"] >= 2000]
+        ts = [t for t in trials() if result_rows(t)]
+        done = [t for t in ts if result_rows(t)[-1]["cvpo"]["env_steps"] >= 2000]
         return len(done) == 1 and len(ts) == 2
 
     def first_started_only():
-        ts = [t for t in trials() if _rows(t)]
+        ts = [t for t in trials() if result_rows(t)]
         return len(ts) == 1 and len(trials()) == 1
 
     try:
@@ -188,7 +179,7 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, 
         if proc.poll() is None:
             proc.kill()
     if not second_started:
-        assert len(trials()) == 1 and _rows(trials()[0])[-1]["cvpo"]["env_steps"] < 2000
+        assert len(trials()) == 1 and result_rows(trials()[0])[-1]["cvpo"]["env_steps"] < 2000
         # As if the sweep had been started by a version without the setting `cost_feedback_source`: its tuner.pkl
         # does not list it, and the resume (with this version's CVPOConfig) must still be accepted.
         import pickle
@@ -205,19 +196,19 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, 
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert len(trials()) == 2
         for trial in trials():
-            steps = [r["cvpo"]["env_steps"] for r in _rows(trial)]
+            steps = [r["cvpo"]["env_steps"] for r in result_rows(trial)]
             assert steps == [1000, 2000]  # each iteration once: the first continued, the second ran whole
         return
-    finished = next(t for t in trials() if _rows(t)[-1]["cvpo"]["env_steps"] >= 2000)
+    finished = next(t for t in trials() if result_rows(t)[-1]["cvpo"]["env_steps"] >= 2000)
     unfinished = next(t for t in trials() if t != finished)
     before = (finished / "result.json").read_bytes()
-    assert _rows(unfinished)[-1]["cvpo"]["env_steps"] < 2000  # interrupted mid-way
+    assert result_rows(unfinished)[-1]["cvpo"]["env_steps"] < 2000  # interrupted mid-way
 
     resumed = subprocess.run([*CLI, "sweep", str(path), "--storage", str(storage), "--address", address, "--resume"],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert (finished / "result.json").read_bytes() == before  # not run again
-    steps = [r["cvpo"]["env_steps"] for r in _rows(unfinished)]
+    steps = [r["cvpo"]["env_steps"] for r in result_rows(unfinished)]
     assert steps[-1] == 2000 and steps[0] == 1000 and steps == sorted(steps)
     assert len(trials()) == 2
     out = report(sweep_dir)

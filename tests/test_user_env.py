@@ -4,7 +4,6 @@ EnvRunners."""
 
 import json
 import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import CLI, SMALL_SETTINGS, free_port, gcs_address, interrupt, run_cli, trial_results
+from helpers import SMALL_SETTINGS, free_port, gcs_address, interrupt, run_cli, start_cli, trial_results
 
 USER_ENVS = Path(__file__).parent / "user_envs"
 
@@ -55,9 +54,7 @@ def test_user_env_trains_with_a_remote_env_runner_evaluates_and_serves(ray_local
     policy = load_policy(run_dir)
     assert policy.action_low.tolist() == [-2.0] and policy.action_high.tolist() == [2.0]
     port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([*CLI, "serve", str(run_dir), "--port", str(port), "--address", address],
-                            stdout=log, stderr=subprocess.STDOUT, env=user_env)
+    proc = start_cli(tmp_path / "serve.log", "serve", run_dir, "--port", port, "--address", address, env=user_env)
     try:
         deadline = time.time() + 180
         while "serving " not in (tmp_path / "serve.log").read_text():

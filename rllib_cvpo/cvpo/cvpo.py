@@ -92,6 +92,7 @@ class CVPOConfig(AlgorithmConfig):
         self.actor_grad_clip: Optional[float] = None
         self.tau_policy = 0.005
         self.pi_old_sync = "polyak"
+        self.init_std = None
         # Critics and replay.
         self.critic_lr = 1e-3
         self.tau = 0.05
@@ -154,6 +155,7 @@ class CVPOConfig(AlgorithmConfig):
         actor_grad_clip=NotProvided,
         tau_policy=NotProvided,
         pi_old_sync=NotProvided,
+        init_std=NotProvided,
         critic_lr=NotProvided,
         tau=NotProvided,
         twin_q=NotProvided,
@@ -213,6 +215,10 @@ class CVPOConfig(AlgorithmConfig):
             pi_old_sync: "polyak" (pi_old follows pi by tau_policy after every update, [ORIG]) or "round" (pi_old
                 is a copy of pi made after each sampling round's updates, and the M-step's KL multipliers restart
                 at 0 then, [FSRL]); default "polyak".
+            init_std: the policy's initial std before the tanh squash, the same for every state (default None: the
+                network's own output, about 1, as in [FSRL] and [ORIG]). The exploring policy's noise is a cost
+                source of its own on navigation tasks; a smaller start makes the early policy's cost that of its
+                mean's path.
             critic_lr: critics' Adam learning rate (default 1e-3, [FSRL] and [ORIG]).
             tau: Polyak rate of the target critics (default 0.05, [FSRL]).
             twin_q: two reward critics, using their minimum (default True, [ORIG]).
@@ -347,7 +353,8 @@ class CVPOConfig(AlgorithmConfig):
         return super()._model_config_auto_includes | {"twin_q": self.twin_q, "twin_qc": self.twin_qc,
                                                        "num_cost_critics": len(self.cost_keys),
                                                        "qc_ensemble": self.qc_ensemble,
-                                                       "qc_pessimism": self.qc_pessimism}
+                                                       "qc_pessimism": self.qc_pessimism,
+                                                       "init_std": self.init_std}
 
     @override(AlgorithmConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -421,6 +428,7 @@ class CVPOConfig(AlgorithmConfig):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 errors.append(f"{name} must be an integer >= {lo}, got {v!r}")
         number("qc_pessimism", 0)
+        number("init_std", 0, lo_open=True, allow_none=True)
         if self.learner_num_threads is not None and (not isinstance(self.learner_num_threads, int)
                                                      or isinstance(self.learner_num_threads, bool)
                                                      or self.learner_num_threads < 1):
@@ -682,7 +690,7 @@ class CVPO(Algorithm):
         limits = cfg.cost_limits
         judged = evaluation if math.isfinite(get(evaluation, EPISODE_RETURN_MEAN)) else runners
         costs = self._constraint_costs(judged)
-        ret, cost = get(judged, EPISODE_RETURN_MEAN), get(judged, "episode_cost")
+        ret = get(judged, EPISODE_RETURN_MEAN)
         known = math.isfinite(ret) and all(math.isfinite(c) for c in costs.values())
         feasible = known and all(costs[k] <= limits[k] for k in limits)
         if not known:

@@ -17,7 +17,7 @@ discount gamma^k (0 if the episode terminated within the k steps), with k = n, o
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Sequence
 
 import numpy as np
 from ray.rllib.core.columns import Columns

@@ -150,6 +150,11 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         self.qc_pessimism = float(cfg.get("qc_pessimism", 0.0))
         self.num_cost_heads = self.num_cost_critics * self.qc_copies
         self.pi = mlp([self.obs_dim, *hiddens, 2 * self.act_dim], activation)
+        init_std = cfg.get("init_std")
+        if init_std is not None:  # the log-std half of the output layer starts at log(init_std) for every state
+            with torch.no_grad():
+                self.pi[-1].weight[self.act_dim:].zero_()
+                self.pi[-1].bias[self.act_dim:].fill_(math.log(float(init_std)))
         if not self.inference_only:
             self.critics = CriticEnsemble(
                 self.num_reward_critics + self.num_cost_heads, self.obs_dim + self.act_dim, hiddens, activation
