@@ -149,7 +149,7 @@ def test_evaluation_feedback_follows_the_deployed_policys_measured_cost_and_surv
 
 
 def test_without_feedback_the_thresholds_are_the_limits(ray_local):
-    config = small_config(cost_limit=5.0)
+    config = small_config(cost_limit=5.0, cost_feedback_gain=0.0)  # (the feedback is on by default)
     algo = config.build_algo()
     try:
         result = algo.train()

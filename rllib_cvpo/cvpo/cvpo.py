@@ -67,12 +67,12 @@ class CVPOConfig(AlgorithmConfig):
         self.cost_limit: Union[float, Dict[str, float]] = 25.0
         self.cost_limit_start: Optional[Union[float, Dict[str, float]]] = None
         self.cost_limit_anneal_steps: int = 0
-        self.cost_feedback_gain = 0.0
+        self.cost_feedback_gain = 0.1
         self.cost_feedback_margin = 0.1
         self.cost_feedback_source = "training"
         self.episode_len: Optional[int] = None
         # E-step.
-        self.estep_kl = 0.1
+        self.estep_kl = 0.02
         self.num_action_samples = 16
         self.estep_solver = "newton"
         self.eta_init = 1.0
@@ -91,7 +91,7 @@ class CVPOConfig(AlgorithmConfig):
         self.actor_lr = 5e-4
         self.actor_grad_clip: Optional[float] = None
         self.tau_policy = 0.005
-        self.pi_old_sync = "polyak"
+        self.pi_old_sync = "round"
         self.init_std = None
         # Critics and replay.
         self.critic_lr = 1e-3
@@ -100,8 +100,8 @@ class CVPOConfig(AlgorithmConfig):
         self.twin_qc = False
         self.qc_ensemble = 1
         self.qc_pessimism = 0.0
-        self.qc_nonnegative = False
-        self.n_step = 1
+        self.qc_nonnegative = True
+        self.n_step = 3
         self.replay_capacity = 20_000
         self.num_steps_sampled_before_learning_starts = 5_000
         self.updates_per_env_step = 0.25
@@ -184,7 +184,7 @@ class CVPOConfig(AlgorithmConfig):
             cost_feedback_gain: the gain of the cost feedback, a correction of each E-step threshold from the cost
                 the exploring policy incurs that only ever tightens it: integral control of an offset o >= 0 on the
                 limit (the E-step uses d - o), per episode's worth of env steps (``rllib_cvpo.cvpo.feedback``;
-                default 0: off [ours]).
+                default 0.1 [ours], measured in docs/benchmarks.md section 5; 0 turns it off).
             cost_feedback_margin: m, the feedback drives the measured cost to (1 - m) d, below the limit
                 (default 0.1 [ours]).
             cost_feedback_source: which measured cost the feedback drives to the target: "training" (the
@@ -192,8 +192,9 @@ class CVPOConfig(AlgorithmConfig):
                 evaluation; needs evaluation) or "both" (whichever is further over).
             episode_len: T, the episode length used to turn d into the per-step Q_c threshold
                 eps_c = d (1 - gamma^T) / ((1 - gamma) T); default None: the env's time limit.
-            estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.1 [ORIG];
-                [FSRL] 0.02, which the exact dual enforces exactly and which then barely moves the policy).
+            estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.02 [FSRL],
+                with pi_old copied per round; [ORIG] 0.1, which with a Polyak-averaged pi_old let the cost run at
+                about twice the limit, docs/benchmarks.md section 5).
             num_action_samples: N (the paper's particle size K), actions sampled per state (default 16, [FSRL]).
             estep_solver: "newton" (default: projected damped Newton in float64 with the analytic gradient and
                 Hessian, warm-started) or "cvxpy" (the exponential-cone program; slow, the reference).
@@ -214,7 +215,7 @@ class CVPOConfig(AlgorithmConfig):
                 centred on (default 0.005 [ORIG] rho = 0.995).
             pi_old_sync: "polyak" (pi_old follows pi by tau_policy after every update, [ORIG]) or "round" (pi_old
                 is a copy of pi made after each sampling round's updates, and the M-step's KL multipliers restart
-                at 0 then, [FSRL]); default "polyak".
+                at 0 then, [FSRL]); default "round".
             init_std: the policy's initial std before the tanh squash, the same for every state (default None: the
                 network's own output, about 1, as in [FSRL] and [ORIG]). The exploring policy's noise is a cost
                 source of its own on navigation tasks; a smaller start makes the early policy's cost that of its
@@ -227,9 +228,10 @@ class CVPOConfig(AlgorithmConfig):
             qc_ensemble: E_c, cost critic heads per constraint, each trained on its own TD target (default 1;
                 CAL uses 4 on Safety-Gym tasks).
             qc_pessimism: k, the E-step's Q_c is mean + k std over the E_c heads (default 0; CAL 0.5).
-            qc_nonnegative: clamp the cost critics' bootstrap value at 0 (costs are >= 0, so Q_c is; default False).
+            qc_nonnegative: clamp the cost critics' bootstrap value at 0 (costs are >= 0, so Q_c is; default True
+                [ours]).
             n_step: n, the critics' TD targets sum n real rewards and costs before bootstrapping, cut at episode
-                ends (default 1; [FSRL] 3 on safety-gymnasium).
+                ends (default 3 [FSRL] on safety-gymnasium; [ORIG] 1).
             replay_capacity: transitions kept (default 20_000 [ours]: the E-step constraint averages over replay
                 states, so they should be recent ones; [FSRL] 200_000).
             num_steps_sampled_before_learning_starts: env steps sampled with uniformly random actions before the
@@ -289,7 +291,7 @@ class CVPOConfig(AlgorithmConfig):
             gamma=0.995, train_batch_size_per_learner=256, num_action_samples=16, estep_kl=0.02, kl_mean=0.005,
             kl_std=0.0005, actor_lr=5e-4, critic_lr=1e-3, tau=0.05, twin_q=False, n_step=3, pi_old_sync="round",
             lambda_max=20.0, replay_capacity=200_000, updates_per_env_step=0.2,
-            num_steps_sampled_before_learning_starts=0,
+            num_steps_sampled_before_learning_starts=0, qc_nonnegative=False, cost_feedback_gain=0.0,
         )
         self.evaluation(evaluation_duration=2)
         return self.rl_module(model_config={"fcnet_hiddens": [128, 128], "fcnet_activation": "relu"})
@@ -304,7 +306,8 @@ class CVPOConfig(AlgorithmConfig):
             kl_mean=0.001, kl_std=0.001, alpha_mean_step=1.0, alpha_std_step=100.0, alpha_mean_max=0.1,
             alpha_std_max=10.0, actor_lr=0.002, actor_grad_clip=0.01, critic_lr=1e-3, tau=0.005, tau_policy=0.005,
             eta_init=0.1, lambda_init=0.1, eta_max=1e5, lambda_max=1e5, replay_capacity=80_000, twin_q=True,
-            updates_per_env_step=0.133, num_steps_sampled_before_learning_starts=4000,
+            updates_per_env_step=0.133, num_steps_sampled_before_learning_starts=4000, n_step=1,
+            pi_old_sync="polyak", qc_nonnegative=False, cost_feedback_gain=0.0,
         )
         return self.rl_module(model_config={"fcnet_hiddens": [256, 256], "fcnet_activation": "relu"})
 
