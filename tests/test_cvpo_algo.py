@@ -27,6 +27,8 @@ from helpers import small_config
         (dict(replay_capacity=10), "replay_capacity must be an integer >= train_batch_size_per_learner"),
         (dict(cost_limit=10.0, cost_limit_start=5.0), "cost_limit_start for 'cost' must be a number >= its cost_limit"),
         (dict(episode_len=0), "episode_len must be a positive integer or None, got 0"),
+        (dict(estep_recent_steps=0), "estep_recent_steps must be an integer >= 1, got 0"),
+        (dict(estep_recent_steps=2.5), "estep_recent_steps must be an integer >= 1, got 2.5"),
     ],
 )
 def test_validate_rejects_bad_settings_naming_them(training, message):
@@ -204,5 +206,30 @@ def test_learner_thresholds_follow_the_annealed_limit_then_stay_cached(ray_local
         cached = learner._threshold_cache["default_policy"]
         learner._thresholds("default_policy", cfg)
         assert learner._threshold_cache["default_policy"] is cached  # not recomputed
+    finally:
+        algo.stop()
+
+
+def test_the_estep_takes_its_states_from_the_newest_steps_with_estep_recent_steps(ray_local):
+    # The E- and M-step states of every update are drawn from the replay's 300 newest steps (the critics' rows from
+    # all of it): the policy network sees exactly those states in the update.
+    algo = small_config(estep_recent_steps=300).build_algo()
+    try:
+        algo.train()  # warm-up and the first updates
+        learner = algo.learner_group._learner
+        module = learner.module["default_policy"].unwrapped()
+        replay = learner.replay
+        slots = (replay._next - 1 - np.arange(300)) % replay.capacity
+        newest = {tuple(np.round(s, 5)) for s in replay._data["obs"][slots]}
+        seen = []
+        handle = module.pi.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().numpy().copy()))
+        try:
+            learner.update_from_replay(num_updates=2, timesteps={})
+        finally:
+            handle.remove()
+        states = np.concatenate(seen)  # pi's inputs: next states for the critics' targets, then E- and M-step states
+        batch = small_config().train_batch_size_per_learner
+        estep_states = [s for k in range(2) for s in states[k * len(states) // 2:][batch:2 * batch]]
+        assert {tuple(np.round(s, 5)) for s in estep_states} <= newest
     finally:
         algo.stop()

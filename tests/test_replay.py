@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
-from rllib_cvpo.cvpo.replay import BOOTSTRAP_DISCOUNT, COSTS, CostReplayBuffer
+from rllib_cvpo.cvpo.replay import BOOTSTRAP_DISCOUNT, COSTS, POLICY_OBS, CostReplayBuffer
 
 GAMMA = 0.5
 
@@ -102,6 +102,19 @@ def test_links_survive_wrap_around_and_checkpoints_and_a_smaller_capacity():
     check(rows, 2, 6, 3, last_step=7, terminated=False, stored_until=7)
     check(rows, 1, 4, 3, last_step=5, terminated=False, stored_until=5)
 
+
+
+def test_recent_policy_states_come_from_the_newest_steps_through_wrap_around():
+    replay = CostReplayBuffer(8, ["cost"], seed=3)
+    replay.add([chunk(1, 0, 3)])  # 3 steps stored: a window of 5 covers all of them
+    states = {tuple(s) for s in replay.sample(500, recent=5)[POLICY_OBS].astype(int)}
+    assert states == {(1, 0), (1, 1), (1, 2)}
+    replay.add([chunk(2, 0, 7)])  # slots 3-7 then 0-1: the newest 4 steps are episode 2's steps 3-6
+    batch = replay.sample(1000, recent=4)
+    assert {tuple(s) for s in batch[POLICY_OBS].astype(int)} == {(2, 3), (2, 4), (2, 5), (2, 6)}
+    assert len(batch[POLICY_OBS]) == len(batch["obs"]) == 1000
+    assert {tuple(s) for s in batch["obs"].astype(int)} == {(1, 2)} | {(2, t) for t in range(7)}  # the critics' rows
+    assert POLICY_OBS not in replay.sample(10)  # off by default (and the default draws stay as before)
 
 def test_warm_up_actions_in_env_units_are_stored_in_the_policys_units():
     box = gym.spaces.Box(np.array([0.0, -2.0], np.float32), np.array([10.0, 2.0], np.float32))

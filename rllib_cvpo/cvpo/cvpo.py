@@ -102,6 +102,7 @@ class CVPOConfig(AlgorithmConfig):
         self.qc_pessimism = 0.0
         self.qc_nonnegative = True
         self.n_step = 3
+        self.estep_recent_steps = None
         self.replay_capacity = 20_000
         self.num_steps_sampled_before_learning_starts = 5_000
         self.updates_per_env_step = 0.25
@@ -164,6 +165,7 @@ class CVPOConfig(AlgorithmConfig):
         qc_pessimism=NotProvided,
         qc_nonnegative=NotProvided,
         n_step=NotProvided,
+        estep_recent_steps=NotProvided,
         replay_capacity=NotProvided,
         num_steps_sampled_before_learning_starts=NotProvided,
         updates_per_env_step=NotProvided,
@@ -232,6 +234,10 @@ class CVPOConfig(AlgorithmConfig):
                 [ours]).
             n_step: n, the critics' TD targets sum n real rewards and costs before bootstrapping, cut at episode
                 ends (default 3 [FSRL] on safety-gymnasium; [ORIG] 1).
+            estep_recent_steps: the E- and M-step's B states per update are drawn from the replay's this many most
+                recent env steps (over all learners), so the cost constraint averages over states the current
+                policy visits; the critics still train on the whole replay (default None: the critics' replay
+                states, as in [ORIG] and [FSRL]).
             replay_capacity: transitions kept (default 20_000 [ours]: the E-step constraint averages over replay
                 states, so they should be recent ones; [FSRL] 200_000).
             num_steps_sampled_before_learning_starts: env steps sampled with uniformly random actions before the
@@ -426,8 +432,10 @@ class CVPOConfig(AlgorithmConfig):
         elif self.cost_feedback_source != "training" and self.cost_feedback_gain > 0 and not self.evaluation_interval:
             errors.append(f"cost_feedback_source={self.cost_feedback_source!r} measures the evaluation's cost, but "
                           f"evaluation is off (evaluation_interval={self.evaluation_interval!r})")
-        for name, lo in (("qc_ensemble", 1), ("n_step", 1)):
+        for name, lo in (("qc_ensemble", 1), ("n_step", 1), ("estep_recent_steps", 1)):
             v = getattr(self, name)
+            if v is None and name == "estep_recent_steps":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 errors.append(f"{name} must be an integer >= {lo}, got {v!r}")
         number("qc_pessimism", 0)

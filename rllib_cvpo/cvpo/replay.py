@@ -27,6 +27,7 @@ from rllib_cvpo.envs.wrappers import MissingCostError
 
 COSTS = "costs"
 BOOTSTRAP_DISCOUNT = "bootstrap_discount"  # gamma^k (1 - terminated within the k steps) of each sampled row
+POLICY_OBS = "policy_obs"  # with sample(recent=w): states for the E- and M-step, from the w most recent steps
 _STORED = (Columns.OBS, Columns.ACTIONS, Columns.REWARDS, COSTS, Columns.NEXT_OBS, Columns.TERMINATEDS)
 
 
@@ -104,10 +105,12 @@ class CostReplayBuffer:
             self._open = {k: v for k, v in self._open.items() if v[1] >= oldest}
         return added
 
-    def sample(self, num_items: int, n_step: int = 1, gamma: float = 0.99) -> Dict[str, np.ndarray]:
+    def sample(self, num_items: int, n_step: int = 1, gamma: float = 0.99,
+               recent: int | None = None) -> Dict[str, np.ndarray]:
         """``num_items`` n-step transitions from uniformly drawn start steps (with replacement): obs, actions, the
         discounted n-step sums of rewards and of costs, the state to bootstrap from (``new_obs``) and its discount
-        (``bootstrap_discount``); see the module docstring."""
+        (``bootstrap_discount``); see the module docstring. With ``recent`` = w, also ``policy_obs``: as many
+        states drawn uniformly from the w most recently stored steps (all of them while fewer are stored)."""
         if self._size == 0:
             raise ValueError("cannot sample from an empty replay buffer")
         d = self._data
@@ -129,7 +132,7 @@ class CostReplayBuffer:
             last = step
             running &= d[Columns.TERMINATEDS][step] == 0
         not_terminated = 1.0 - d[Columns.TERMINATEDS][last]
-        return {
+        out = {
             Columns.OBS: d[Columns.OBS][idx],
             Columns.ACTIONS: d[Columns.ACTIONS][idx],
             Columns.REWARDS: rewards,
@@ -137,6 +140,10 @@ class CostReplayBuffer:
             Columns.NEXT_OBS: d[Columns.NEXT_OBS][last],
             BOOTSTRAP_DISCOUNT: (discount * not_terminated).astype(np.float32),
         }
+        if recent is not None:  # the newest slot is just before the write position, the ring wrapping round
+            back = self.rng.integers(0, min(int(recent), self._size), size=int(num_items))
+            out[POLICY_OBS] = d[Columns.OBS][(self._next - 1 - back) % self.capacity]
+        return out
 
     def get_state(self) -> Dict[str, Any]:
         """The stored slots as they are (a restore into the same capacity samples exactly as this buffer would)."""

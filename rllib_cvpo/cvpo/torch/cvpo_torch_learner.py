@@ -23,7 +23,7 @@ from rllib_cvpo.cvpo import estep
 from rllib_cvpo.cvpo.estep import qc_threshold
 from rllib_cvpo.cvpo.feedback import THRESHOLD_OFFSET
 from rllib_cvpo.cvpo.mstep import kl_mean_and_std, weighted_mle_loss
-from rllib_cvpo.cvpo.replay import BOOTSTRAP_DISCOUNT, COSTS, CostReplayBuffer
+from rllib_cvpo.cvpo.replay import BOOTSTRAP_DISCOUNT, COSTS, POLICY_OBS, CostReplayBuffer
 
 CVPO_STATE = "cvpo_state"
 
@@ -112,7 +112,10 @@ class CVPOTorchLearner(TorchLearner):
         all of them (k B states). Returns :meth:`update`'s results."""
         cfg = self.config
         per_learner = cfg.train_batch_size_per_learner
-        columns = self.replay.sample(num_updates * per_learner, n_step=cfg.n_step, gamma=cfg.gamma)
+        # With estep_recent_steps, each learner's E- and M-step states come from its shard's share of the newest
+        # steps (new episodes go to the emptiest shard, so each holds about 1/k of them).
+        recent = None if cfg.estep_recent_steps is None else max(1, -(-cfg.estep_recent_steps // self._world))
+        columns = self.replay.sample(num_updates * per_learner, n_step=cfg.n_step, gamma=cfg.gamma, recent=recent)
         batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns[Columns.OBS]))
         return self.update(batch=batch, minibatch_size=per_learner, num_epochs=1, shuffle_batch_per_epoch=False,
                            timesteps=timesteps)
@@ -256,11 +259,14 @@ class CVPOTorchLearner(TorchLearner):
         self._step(mid, "critic", loss_qr + loss_qc)
         t1 = clock()
 
-        # E-step: N actions per state from pi_old, all critics on all B*N of them in one forward, exact dual.
+        # E-step: N actions per state from pi_old, all critics on all B*N of them in one forward, exact dual. Its
+        # states are the critics' replay states, or with estep_recent_steps as many states from the newest steps
+        # (the constraint then averages over states the current policy visits, not over old ones).
+        pobs = b[POLICY_OBS] if POLICY_OBS in b else obs
         with torch.no_grad():
-            mean_o, std_o = module.policy(obs, module.pi_old)
+            mean_o, std_o = module.policy(pobs, module.pi_old)
             u = mean_o + std_o * self._standard_normal_like(mean_o.expand(n, *mean_o.shape))
-            eqr, eqc = module.q_values_sampled(obs, torch.tanh(u), target=True)
+            eqr, eqc = module.q_values_sampled(pobs, torch.tanh(u), target=True)
             qr_s = eqr.min(0).values.reshape(n, batch_size).t()
             qc_s = eqc.reshape(m, n, batch_size).permute(2, 1, 0)
             thresholds = self._thresholds(mid, cfg)
@@ -284,7 +290,7 @@ class CVPOTorchLearner(TorchLearner):
 
         # M-step: weighted MLE inside decoupled KL trust regions; alpha by projected dual ascent before each step.
         for _ in range(cfg.mstep_iterations):
-            mean, std = module.policy(obs)
+            mean, std = module.policy(pobs)
             loss_mle = weighted_mle_loss(u, weights, mean_o, std_o, mean, std)
             kl_mu, kl_sigma = kl_mean_and_std(mean_o, std_o, mean, std)
             c_mu, c_sigma = kl_mu.mean(), kl_sigma.mean()
