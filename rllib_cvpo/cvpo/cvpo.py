@@ -220,8 +220,8 @@ class CVPOConfig(AlgorithmConfig):
                 at 0 then, [FSRL]); default "round".
             init_std: the policy's initial std before the tanh squash, the same for every state (default None: the
                 network's own output, about 1, as in [FSRL] and [ORIG]). The exploring policy's noise is a cost
-                source of its own on navigation tasks; a smaller start makes the early policy's cost that of its
-                mean's path.
+                source of its own on navigation tasks; on SafetyPointGoal1 a start at 0.3 drove into hazards and
+                raised the cost instead (docs/benchmarks.md section 5).
             critic_lr: critics' Adam learning rate (default 1e-3, [FSRL] and [ORIG]).
             tau: Polyak rate of the target critics (default 0.05, [FSRL]).
             twin_q: two reward critics, using their minimum (default True, [ORIG]).
