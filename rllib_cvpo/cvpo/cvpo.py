@@ -432,9 +432,9 @@ class CVPOConfig(AlgorithmConfig):
         elif self.cost_feedback_source != "training" and self.cost_feedback_gain > 0 and not self.evaluation_interval:
             errors.append(f"cost_feedback_source={self.cost_feedback_source!r} measures the evaluation's cost, but "
                           f"evaluation is off (evaluation_interval={self.evaluation_interval!r})")
-        for name, lo in (("qc_ensemble", 1), ("n_step", 1), ("estep_recent_steps", 1)):
+        for name, lo, optional in (("qc_ensemble", 1, False), ("n_step", 1, False), ("estep_recent_steps", 1, True)):
             v = getattr(self, name)
-            if v is None and name == "estep_recent_steps":
+            if v is None and optional:
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 errors.append(f"{name} must be an integer >= {lo}, got {v!r}")
