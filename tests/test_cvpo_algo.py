@@ -227,9 +227,10 @@ def test_the_estep_takes_its_states_from_the_newest_steps_with_estep_recent_step
             learner.update_from_replay(num_updates=2, timesteps={})
         finally:
             handle.remove()
-        states = np.concatenate(seen)  # pi's inputs: next states for the critics' targets, then E- and M-step states
-        batch = small_config().train_batch_size_per_learner
-        estep_states = [s for k in range(2) for s in states[k * len(states) // 2:][batch:2 * batch]]
+        # pi's inputs, per update: the next states of the critics' targets, then the M-step's states (the E-step's,
+        # through pi_old).
+        assert len(seen) == 4
+        estep_states = np.concatenate(seen[1::2])
         assert {tuple(np.round(s, 5)) for s in estep_states} <= newest
     finally:
         algo.stop()

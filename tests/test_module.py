@@ -1,8 +1,12 @@
-"""The RLModule's batched critics: the E-step's shared-observation evaluation equals the plain one."""
+"""The RLModule: the E-step's shared-observation critic evaluation equals the plain one; the policy's initial std."""
 
+import gymnasium as gym
+import numpy as np
+import pytest
 import torch
+from helpers import small_config
 
-from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import CriticEnsemble
+from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import CriticEnsemble, CVPOTorchRLModule
 
 
 def test_sampled_action_evaluation_equals_evaluation_on_repeated_observations():
@@ -18,22 +22,13 @@ def test_sampled_action_evaluation_equals_evaluation_on_repeated_observations():
     torch.testing.assert_close(got[:, 3 * 64 + 5], critics(obs[5:6], actions[3, 5:6])[:, 0], rtol=1e-5, atol=1e-5)
 
 
-
 def _policy_module(model_config):
-    import gymnasium as gym
-    import numpy as np
-
-    from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import CVPOTorchRLModule
-
     box = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
     return CVPOTorchRLModule(observation_space=box, action_space=gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
                              model_config=model_config)
 
 
 def test_init_std_sets_the_policys_starting_std_for_every_state_and_is_validated():
-    import pytest
-    from helpers import small_config
-
     torch.manual_seed(0)
     config = small_config(init_std=0.3)
     _, std = _policy_module(config.model_config).policy(torch.randn(16, 2) * 5)  # (the config's model_config)
