@@ -53,10 +53,37 @@ def sweep_yaml(name: str, total_env_steps: int, extra_base: str = "", tail: str 
             f"search:\n  cost_limit: {{grid: [15, 30]}}\nseeds: [0]\n{tail}")
 
 
+# Ports for servers that tests start. A port the OS hands out (bind to 0) is free when checked but may be taken as
+# an ephemeral port by any connection before the server binds it; these come from a range that neither the OS's
+# ephemeral range nor Ray's worker ports (10002-19999) use, each handed out once per test process, the process id
+# spreading concurrent test processes apart, and each checked to be bindable.
+_PORT_RANGE = range(20000, 32000)
+_ports_handed_out: set = set()
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    span = len(_PORT_RANGE)
+    start = (os.getpid() * 97) % span
+    for i in range(span):
+        port = _PORT_RANGE[(start + i) % span]
+        if port in _ports_handed_out or port in _ephemeral_ports():
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORT_RANGE.start}-{_PORT_RANGE.stop - 1}")
 
 
 # -- the command, as a user runs it (a subprocess), and what it writes -------------------------------------------

@@ -248,6 +248,10 @@ def test_summary_scores_feasible_first_then_return_and_handles_missing_and_sever
     # No evaluation: judged by the training episodes; nothing at all: no score.
     judged = _summary(25.0, {}, runners={"episode_return_mean": 12.0, "episode_cost": 3.0})
     assert judged["feasible"] == 1.0 and judged["score"] == 12.0 and math.isnan(judged["eval_return"])
+    # With an evaluation, it alone judges: training episodes over the limit do not make the policy infeasible.
+    both = _summary(25.0, {"episode_return_mean": 50.0, "episode_cost": 10.0},
+                    runners={"episode_return_mean": 80.0, "episode_cost": 60.0})
+    assert both["feasible"] == 1.0 and both["score"] == 50.0 and both["episode_cost"] == 60.0
     assert math.isnan(_summary(25.0, {})["score"]) and _summary(25.0, {})["feasible"] == 0.0
     # Several constraints: each within its own limit; the score of an infeasible one sums the violations.
     two = {"a": 10.0, "b": 5.0}
@@ -256,6 +260,8 @@ def test_summary_scores_feasible_first_then_return_and_handles_missing_and_sever
     violated = _summary(two, {"episode_return_mean": 7.0, "episode_cost": 17.0, "episode_a": 8.0, "episode_b": 9.0})
     assert violated["feasible"] == 0.0 and violated["score"] == INFEASIBLE_SCORE_OFFSET - 4.0
     assert violated["cost_limit"] == 15.0
+    both_over = _summary(two, {"episode_return_mean": 7.0, "episode_cost": 21.0, "episode_a": 12.0, "episode_b": 9.0})
+    assert both_over["score"] == INFEASIBLE_SCORE_OFFSET - (2.0 + 4.0)
 
 
 def test_best_checkpoint_is_feasible_first_then_return(tmp_path):
