@@ -70,11 +70,11 @@ def _ephemeral_ports() -> range:
 
 
 def free_port() -> int:
-    span = len(_PORT_RANGE)
+    span, ephemeral = len(_PORT_RANGE), _ephemeral_ports()
     start = (os.getpid() * 97) % span
     for i in range(span):
         port = _PORT_RANGE[(start + i) % span]
-        if port in _ports_handed_out or port in _ephemeral_ports():
+        if port in _ports_handed_out or port in ephemeral:
             continue
         with socket.socket() as s:
             try:
