@@ -138,3 +138,37 @@ def test_every_cost_head_trains_and_the_ensemble_combines_to_mean_plus_k_std(ray
         torch.testing.assert_close(combined[0], heads.mean(0) + 0.5 * heads.std(0))
     finally:
         group.shutdown()
+
+
+def test_critic_updates_per_update_steps_the_critics_on_each_batch_then_the_policy_on_the_last(ray_local):
+    # critic_updates_per_update=2: each update's 2B rows are two critic batches; the critics take a TD step on each
+    # (their next states feed pi for the targets), the E- and M-step use the second batch's states.
+    group = _learner_group(critic_updates_per_update=2)
+    learner = group._learner
+    try:
+        module = learner.module[DEFAULT_MODULE_ID].unwrapped()
+        batch = _batch(3 * 2 * B)
+        columns = batch.policy_batches[DEFAULT_MODULE_ID]
+        seen = []
+        handle = module.pi.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach().numpy().copy()))
+        try:
+            results = group.update(batch=batch, minibatch_size=2 * B, num_epochs=1, shuffle_batch_per_epoch=False,
+                                   timesteps={"num_env_steps_sampled_lifetime": 1000})
+        finally:
+            handle.remove()
+        result = results[0] if isinstance(results, list) else results
+        assert len(seen) == 3 * 3
+        for update in range(3):
+            rows = slice(update * 2 * B, (update + 1) * 2 * B)
+            obs, new_obs = columns["obs"][rows], columns["new_obs"][rows]
+            first, second, mstep = seen[3 * update : 3 * update + 3]
+            np.testing.assert_array_equal(first, new_obs[:B])
+            np.testing.assert_array_equal(second, new_obs[B:])
+            np.testing.assert_array_equal(mstep, obs[B:])
+        steps = {name: max(int(s["step"]) for s in learner.get_optimizer(DEFAULT_MODULE_ID, name).state.values())
+                 for name in ("critic", "policy")}
+        assert steps == {"critic": 6, "policy": 3}
+        assert _value(result[ALL_MODULES][NUM_ENV_STEPS_TRAINED]) == 3 * 2 * B
+        assert learner._cvpo[DEFAULT_MODULE_ID]["num_updates"] == 3
+    finally:
+        group.shutdown()

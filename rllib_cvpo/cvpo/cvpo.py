@@ -103,6 +103,7 @@ class CVPOConfig(AlgorithmConfig):
         self.qc_nonnegative = True
         self.n_step = 3
         self.estep_recent_steps = None
+        self.critic_updates_per_update = 1
         self.replay_capacity = 20_000
         self.num_steps_sampled_before_learning_starts = 5_000
         self.updates_per_env_step = 0.25
@@ -166,6 +167,7 @@ class CVPOConfig(AlgorithmConfig):
         qc_nonnegative=NotProvided,
         n_step=NotProvided,
         estep_recent_steps=NotProvided,
+        critic_updates_per_update=NotProvided,
         replay_capacity=NotProvided,
         num_steps_sampled_before_learning_starts=NotProvided,
         updates_per_env_step=NotProvided,
@@ -238,6 +240,10 @@ class CVPOConfig(AlgorithmConfig):
                 recent env steps (over all learners), so the cost constraint averages over states the current
                 policy visits; the critics still train on the whole replay (default None: the critics' replay
                 states, as in [ORIG] and [FSRL]).
+            critic_updates_per_update: critic TD steps per CVPO update, each on its own B replay rows with the
+                target critics' Polyak step after it; the E- and M-step then use the last of those batches' states
+                (default 1, as in [ORIG] and [FSRL]). More steps let the critics keep up with a policy that the
+                constraint moves (docs/benchmarks.md section 5).
             replay_capacity: transitions kept (default 20_000 [ours]: the E-step constraint averages over replay
                 states, so they should be recent ones; [FSRL] 200_000).
             num_steps_sampled_before_learning_starts: env steps sampled with uniformly random actions before the
@@ -432,7 +438,8 @@ class CVPOConfig(AlgorithmConfig):
         elif self.cost_feedback_source != "training" and self.cost_feedback_gain > 0 and not self.evaluation_interval:
             errors.append(f"cost_feedback_source={self.cost_feedback_source!r} measures the evaluation's cost, but "
                           f"evaluation is off (evaluation_interval={self.evaluation_interval!r})")
-        for name, lo, optional in (("qc_ensemble", 1, False), ("n_step", 1, False), ("estep_recent_steps", 1, True)):
+        for name, lo, optional in (("qc_ensemble", 1, False), ("n_step", 1, False), ("estep_recent_steps", 1, True),
+                                  ("critic_updates_per_update", 1, False)):
             v = getattr(self, name)
             if v is None and optional:
                 continue

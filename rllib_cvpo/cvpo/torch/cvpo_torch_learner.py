@@ -115,9 +115,12 @@ class CVPOTorchLearner(TorchLearner):
         # With estep_recent_steps, each learner's E- and M-step states come from its shard's share of the newest
         # steps (new episodes go to the emptiest shard, so each holds about 1/k of them).
         recent = None if cfg.estep_recent_steps is None else max(1, -(-cfg.estep_recent_steps // self._world))
-        columns = self.replay.sample(num_updates * per_learner, n_step=cfg.n_step, gamma=cfg.gamma, recent=recent)
+        # With critic_updates_per_update = c, each update's minibatch holds c B rows: the critics step on each B
+        # in turn, the E- and M-step use the last B's states.
+        rows = per_learner * cfg.critic_updates_per_update
+        columns = self.replay.sample(num_updates * rows, n_step=cfg.n_step, gamma=cfg.gamma, recent=recent)
         batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns[Columns.OBS]))
-        return self.update(batch=batch, minibatch_size=per_learner, num_epochs=1, shuffle_batch_per_epoch=False,
+        return self.update(batch=batch, minibatch_size=rows, num_epochs=1, shuffle_batch_per_epoch=False,
                            timesteps=timesteps)
 
     @override(TorchLearner)
@@ -232,19 +235,16 @@ class CVPOTorchLearner(TorchLearner):
             losses[module_id] = self._update_module(module_id, self.module[module_id].unwrapped(), cfg, module_batch)
         return {}, losses, {}
 
-    def _update_module(self, mid: str, module, cfg, b) -> torch.Tensor:
-        state = self._cvpo[mid]
+    def _critic_step(self, mid: str, module, cfg, b) -> Tuple[torch.Tensor, ...]:
+        """One TD step of every critic on the rows of ``b``; returns (reward loss, cost loss, Q_r, Q_c)."""
         obs, actions = b[Columns.OBS], b[Columns.ACTIONS]
         rewards, costs = b[Columns.REWARDS].float(), b[COSTS].float().reshape(obs.shape[0], -1)
         next_obs, discount = b[Columns.NEXT_OBS], b[BOOTSTRAP_DISCOUNT].float()
-        batch_size, m, n = obs.shape[0], costs.shape[1], cfg.num_action_samples
-        clock = self._clock
-        t0 = clock()
-
-        # Critics: one TD step on n-step targets (the replay's discounted sums of rewards and costs, and gamma^k, or
-        # 0 where the episode terminated; a truncation still bootstraps), the next action drawn from the current
-        # policy. Twin cost heads share the maximum's target; ensemble heads bootstrap from their own target heads
-        # (CAL). With qc_nonnegative the cost bootstrap is clamped at 0: costs are >= 0, so Q_c is.
+        m = costs.shape[1]
+        # n-step targets (the replay's discounted sums of rewards and costs, and gamma^k, or 0 where the episode
+        # terminated; a truncation still bootstraps), the next action drawn from the current policy. Twin cost heads
+        # share the maximum's target; ensemble heads bootstrap from their own target heads (CAL). With
+        # qc_nonnegative the cost bootstrap is clamped at 0: costs are >= 0, so Q_c is.
         with torch.no_grad():
             mean_n, std_n = module.policy(next_obs)
             a_next = torch.tanh(mean_n + std_n * self._standard_normal_like(mean_n))
@@ -257,6 +257,36 @@ class CVPOTorchLearner(TorchLearner):
         loss_qr = ((qr - y_r) ** 2).mean(1).sum()
         loss_qc = ((qc - y_c.repeat(qc.shape[0] // y_c.shape[0], 1)) ** 2).mean(1).sum()
         self._step(mid, "critic", loss_qr + loss_qc)
+        return loss_qr, loss_qc, qr, qc
+
+    def _update_module(self, mid: str, module, cfg, b) -> torch.Tensor:
+        state = self._cvpo[mid]
+        clock = self._clock
+        t0 = clock()
+
+        # Critics: critic_updates_per_update TD steps, each on its own B rows, the target critics' Polyak step after
+        # each but the last (that one follows the policy's update below, as with a single step).
+        steps = cfg.critic_updates_per_update
+        if steps > 1:
+            rows = b[Columns.OBS].shape[0] // steps
+            chunks = [{k: v[i * rows : (i + 1) * rows] for k, v in b.items()} for i in range(steps)]
+        else:
+            chunks = [b]
+        critic_losses = []
+        for i, chunk in enumerate(chunks):
+            critic_losses.append(self._critic_step(mid, module, cfg, chunk))
+            if i < steps - 1:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(module.target_critics.parameters()),
+                                         list(module.critics.parameters()), cfg.tau)
+        loss_qr, loss_qc, qr, qc = critic_losses[-1]
+        if steps > 1:  # the metrics: the mean over this update's critic steps
+            loss_qr = torch.stack([c[0] for c in critic_losses]).mean()
+            loss_qc = torch.stack([c[1] for c in critic_losses]).mean()
+        b = chunks[-1]
+        obs = b[Columns.OBS]
+        batch_size, n = obs.shape[0], cfg.num_action_samples
+        m = b[COSTS].reshape(batch_size, -1).shape[1]
         t1 = clock()
 
         # E-step: N actions per state from pi_old, all critics on all B*N of them in one forward, exact dual. Its
