@@ -242,8 +242,8 @@ class CVPOConfig(AlgorithmConfig):
                 states, as in [ORIG] and [FSRL]).
             critic_updates_per_update: critic TD steps per CVPO update, each on its own B replay rows with the
                 target critics' Polyak step after it; the E- and M-step then use the last of those batches' states
-                (default 1, as in [ORIG] and [FSRL]). More steps let the critics keep up with a policy that the
-                constraint moves (docs/benchmarks.md section 5).
+                (default 1, as in [ORIG] and [FSRL]; ``num_env_steps_trained`` counts every critic row). More steps
+                let the critics keep up with a policy that the constraint moves (docs/benchmarks.md section 5).
             replay_capacity: transitions kept (default 20_000 [ours]: the E-step constraint averages over replay
                 states, so they should be recent ones; [FSRL] 200_000).
             num_steps_sampled_before_learning_starts: env steps sampled with uniformly random actions before the
