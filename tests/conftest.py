@@ -1,4 +1,6 @@
-"""Shared fixtures. One local Ray instance serves every test that needs Ray (its startup costs seconds)."""
+"""Shared fixtures. One local Ray instance per test process serves every test of that process that needs Ray (its
+startup costs seconds). `make test` runs two test processes (pytest-xdist, `-n 2`): most tests keep one core busy at
+most, so the second process fills the other core."""
 
 import os
 
