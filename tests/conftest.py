@@ -20,3 +20,10 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (minutes each) first, in their collected order, then the rest: two test processes then start
+    on the long tests together and finish on short ones, instead of one process running a long test alone at the
+    end. Every test process sorts the same collection the same way, as pytest-xdist requires."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -97,6 +97,7 @@ def test_envs_lists_tasks_with_sizes_and_length(tmp_path):
 
 
 # -- end to end ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_train_checkpoint_evaluate_plot_end_to_end(ray_local, small_yaml, tmp_path):
     proc = run_cli("train", "--env", "SpeedLimit-v0", "--total-env-steps", 3000, "--env-runners", 0, "--seed", 1,
                    "--config", small_yaml, "--output", tmp_path, "--name", "e2e", "--address", _address(ray_local))
@@ -164,6 +165,7 @@ def test_train_checkpoint_evaluate_plot_end_to_end(ray_local, small_yaml, tmp_pa
     assert pl.returncode == 2 and "run directory not found" in pl.stderr and "nope" in pl.stderr
 
 
+@pytest.mark.slow
 def test_interrupt_and_crash_then_resume_continue_steps_and_duals(ray_local, small_yaml, tmp_path):
     address = _address(ray_local)
     run_dir = tmp_path / "resumable"

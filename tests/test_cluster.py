@@ -99,6 +99,7 @@ SWEEP = sweep_yaml("two_node", 1000, extra_base="custom_resources_per_env_runner
                    tail="resources: {env_runners: 1}\n")
 
 
+@pytest.mark.slow
 def test_job_submitted_to_a_two_node_cluster_runs_a_sweep_with_env_runners_on_the_worker(tmp_path):
     bin_dir = Path(sys.executable).parent
     ray_cli = str(bin_dir / "ray")

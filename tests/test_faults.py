@@ -110,6 +110,7 @@ def resume_to_the_end(run_dir: Path, address: str) -> None:
     assert learner_state(complete_checkpoints(trial)[-1])["__env_steps__"] == TOTAL
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_save_then_evaluate_and_resume(ray_local, small_yaml, tmp_path):
     run_dir = tmp_path / "killed_in_save"
     kill_run_at("save:3", run_dir, small_yaml)  # the third checkpoint (after iteration 3) is half copied
@@ -129,6 +130,7 @@ def test_kill_during_a_checkpoint_save_then_evaluate_and_resume(ray_local, small
     resume_to_the_end(run_dir, gcs_address(ray_local))
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_rotation_then_resume(ray_local, small_yaml, tmp_path):
     run_dir = tmp_path / "killed_in_rotation"
     kill_run_at("rotate:1", run_dir, small_yaml)  # the first checkpoint the rotation deletes is half deleted
@@ -141,6 +143,7 @@ def test_kill_during_a_checkpoint_rotation_then_resume(ray_local, small_yaml, tm
     resume_to_the_end(run_dir, gcs_address(ray_local))
 
 
+@pytest.mark.slow
 def test_a_second_resume_of_a_live_run_is_refused(ray_local, small_yaml, tmp_path):
     run_dir = tmp_path / "live"
     args = ["train", "--env", "SpeedLimit-v0", "--total-env-steps", 3000, "--env-runners", 0, "--config", small_yaml,
@@ -172,6 +175,7 @@ def test_a_run_whose_tuner_state_is_empty_is_refused_in_one_line(tmp_path):
     assert len(lines) == 1 and "tuner.pkl is unreadable" in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_an_env_runner_killed_mid_run_is_restarted_and_the_run_completes(ray_local, small_yaml, tmp_path):
     # kill -9 of the remote EnvRunner's process while the command trains: RLlib restarts it (restart_failed_env_runners
     # is on, as CVPOConfig keeps it) and the run finishes with every iteration's env steps in order.
@@ -205,6 +209,7 @@ def test_an_env_runner_killed_mid_run_is_restarted_and_the_run_completes(ray_loc
     assert checkpoints and learner_state(checkpoints[-1])["__env_steps__"] == steps[-1]
 
 
+@pytest.mark.slow
 def test_a_trial_killed_in_a_sweep_is_retried_from_its_checkpoint_and_the_sweep_completes(ray_local, tmp_path):
     from rllib_cvpo.sweep import report
 

@@ -40,6 +40,7 @@ def s3(tmp_path_factory):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_report_and_evaluate_read_a_sweep_on_s3(s3, tmp_path):
     storage, env = s3
     path = tmp_path / "sweep.yaml"

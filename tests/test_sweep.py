@@ -144,6 +144,7 @@ def test_report_picks_the_feasible_best_not_the_highest_return(tmp_path):
 SWEEP = sweep_yaml("interrupted", 2000, tail="resources: {env_runners: 0}\nmax_concurrent_trials: 1\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("second_started", [True, False])
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, tmp_path, second_started):
     """Interrupted while the second trial runs (the first finished), or while the first runs and the second has not

@@ -29,6 +29,7 @@ def tensorboard_scalars(trial: Path) -> dict:
     return scalars
 
 
+@pytest.mark.slow
 def test_train_logs_to_mlflow_and_tensorboard(ray_local, tmp_path):
     import mlflow
 

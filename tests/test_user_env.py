@@ -30,6 +30,7 @@ def _post(url, body):
         return resp.status, json.loads(resp.read())
 
 
+@pytest.mark.slow
 def test_user_env_trains_with_a_remote_env_runner_evaluates_and_serves(ray_local, user_env, tmp_path):
     config = tmp_path / "small.yaml"
     config.write_text(SMALL_SETTINGS)
