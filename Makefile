@@ -32,7 +32,7 @@ train: setup
 	$(BIN)/rllib-cvpo train
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --maxschedchunk 1
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -23,7 +23,9 @@ def ray_local():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked slow (minutes each) first, in their collected order, then the rest: two test processes then start
-    on the long tests together and finish on short ones, instead of one process running a long test alone at the
-    end. Every test process sorts the same collection the same way, as pytest-xdist requires."""
+    """Tests marked slow (minutes each) first, in their collected order, then the rest. With `make test`'s
+    `--maxschedchunk 1` each test process takes the next test when it finishes one (pytest-xdist's default hands out
+    a quarter of a process's share at once, which gave one process every slow test), so the two processes share the
+    long tests and finish on short ones. Every test process sorts the same collection the same way, as pytest-xdist
+    requires."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
