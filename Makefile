@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine:
 #   make train   set up (first time only) and run a real CVPO training run on an embedded local Ray
-#   make test    set up (first time only) and run the whole test suite
+#   make test    set up (first time only) and run the whole test suite, in two test processes
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
