@@ -31,17 +31,18 @@ def small_config(env="SpeedLimit-v0", **training):
 
 
 # Small and quick settings on the built-in task for command-line runs (a `--config` file, or a sweep's `base`):
-# 1000 env steps per iteration, one evaluation episode per iteration.
+# 1000 env steps per iteration (4 envs x 50 steps per sample, 5 samples), 100 updates per iteration, one evaluation
+# episode per iteration. (Four envs per EnvRunner: RLlib's per-step connector work is paid once per vector step.)
 SMALL_SETTINGS = """\
 gamma: 0.97
 num_steps_sampled_before_learning_starts: 500
-updates_per_env_step: 0.25
+updates_per_env_step: 0.1
 train_batch_size_per_learner: 64
 num_action_samples: 8
 min_sample_timesteps_per_iteration: 1000
 rollout_fragment_length: 50
 evaluation_duration: 1
-num_envs_per_env_runner: 1
+num_envs_per_env_runner: 4
 model_config: {fcnet_hiddens: [32, 32]}
 """
 

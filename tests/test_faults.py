@@ -101,12 +101,12 @@ def resume_to_the_end(run_dir: Path, address: str) -> None:
     assert max(steps.values()) == TOTAL
     assert all(steps[i] == s for i, s in zip(before["training_iteration"], before["env_steps"]))
     # The first iteration after the resume continued the newest complete checkpoint: its env steps, and its
-    # learner's update count plus exactly one iteration's updates (1000 env steps x 0.25). (That iteration may
+    # learner's update count plus exactly one iteration's updates (1000 env steps x 0.1). (That iteration may
     # have a row from before the kill too, when Tune logged it before the save was cut: the resumed row is later.)
     first = last[saved["__env_steps__"] // 1000 + 1]
     assert len(rows) > len(before)
     assert first["cvpo"]["env_steps"] == saved["__env_steps__"] + 1000
-    assert first["learners"]["default_policy"]["num_cvpo_updates"] == saved["default_policy"]["num_updates"] + 250
+    assert first["learners"]["default_policy"]["num_cvpo_updates"] == saved["default_policy"]["num_updates"] + 100
     assert learner_state(complete_checkpoints(trial)[-1])["__env_steps__"] == TOTAL
 
 
