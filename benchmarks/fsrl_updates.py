@@ -1,12 +1,15 @@
 """FSRL's CVPO update rate on this CPU, for a side-by-side comparison with ``learner_throughput.py``.
 
 FSRL (liuzuxin/FSRL) is not in the package registry and is not a dependency of this project. Run this script with a
-Python that has FSRL's dependencies (tianshou 0.5.x, torch, numba, gymnasium) and FSRL's source on its path:
+Python of its own that has FSRL's dependencies (FSRL pins tianshou~=0.5.0, which needs numpy < 2), giving FSRL's
+source tree with --fsrl:
 
-    python3 -m venv ../fsrl_venv && ../fsrl_venv/bin/pip install torch==2.13.0 "numpy<2" tianshou==0.5.1 gymnasium==0.28.1
     git clone https://github.com/liuzuxin/FSRL ../FSRL
+    python3 -m venv ../fsrl_venv && ../fsrl_venv/bin/pip install torch==2.13.0 -e ../FSRL
     ../fsrl_venv/bin/python benchmarks/fsrl_updates.py --fsrl ../FSRL
     .venv/bin/python benchmarks/learner_throughput.py --settings fsrl-circle --single-q     # ours, right after
+
+Only ``fsrl.policy.CVPO`` and ``fsrl.utils.net.continuous.SingleCritic`` are imported (with what they import).
 
 It builds FSRL's CVPO as ``fsrl.agent.CVPOAgent`` does (tianshou ``Net`` + ``ActorProb`` actor, one ``SingleCritic``
 for the reward and one for the cost, orthogonal init, a diagonal Gaussian), fills a ``VectorReplayBuffer`` of FSRL's
