@@ -9,9 +9,18 @@ from helpers import small_config
 from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import CriticEnsemble, CVPOTorchRLModule
 
 
-def test_sampled_action_evaluation_equals_evaluation_on_repeated_observations():
+@pytest.mark.parametrize("hiddens, chunk_rows", [
+    ([32, 32], None),  # one chunk
+    ([32, 32], 8 * 24),  # chunks of 24 states: 24, 24, 16 (a shorter last one)
+    ([16, 24, 16], 8 * 5),  # three hidden layers, chunks of 5 states, the last of 4
+])
+def test_sampled_action_evaluation_equals_evaluation_on_repeated_observations(monkeypatch, hiddens, chunk_rows):
+    from rllib_cvpo.cvpo.torch import cvpo_torch_rl_module
+
+    if chunk_rows is not None:  # cache-sized chunks of states on CPU: force several at these small sizes
+        monkeypatch.setattr(cvpo_torch_rl_module, "CPU_CHUNK_ROWS", chunk_rows)
     torch.manual_seed(0)
-    critics = CriticEnsemble(4, 12 + 3, [32, 32], "relu")
+    critics = CriticEnsemble(4, 12 + 3, hiddens, "relu")
     obs, actions = torch.randn(64, 12), torch.rand(8, 64, 3) * 2 - 1
     repeated = obs.unsqueeze(0).expand(8, -1, -1).reshape(8 * 64, 12)
     expected = critics(repeated, actions.reshape(8 * 64, 3))
@@ -20,6 +29,7 @@ def test_sampled_action_evaluation_equals_evaluation_on_repeated_observations():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # Row n * B + b is action n of state b.
     torch.testing.assert_close(got[:, 3 * 64 + 5], critics(obs[5:6], actions[3, 5:6])[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:, 7 * 64 + 63], critics(obs[63:], actions[7, 63:])[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def _policy_module(model_config):
