@@ -107,7 +107,7 @@ class CriticEnsemble(nn.Module):
         n, b, da = actions.shape
         do = obs.shape[-1]
         e = self.members
-        first = linears[0]
+        first, last = linears[0], linears[-1]
         h_obs = torch.baddbmm(first.bias, obs.unsqueeze(0).expand(e, b, do), first.weight[:, :do, :])  # [E, B, H]
         q = torch.empty(e, n, b, device=obs.device, dtype=obs.dtype)
         # On CPU, states go through in chunks of about CPU_CHUNK_ROWS rows (N actions each), whose activations stay in
@@ -126,7 +126,6 @@ class CriticEnsemble(nn.Module):
                 for slot, layer in enumerate(linears[1:-1], start=1):
                     out = self._buffer(slot % 2, (rows, layer.weight.shape[-1]), h)
                     h = activate(torch.addmm(layer.bias[i], h, layer.weight[i], out=out))
-                last = linears[-1]
                 q[i, :, s : s + cb] = torch.addmv(last.bias[i, 0], h, last.weight[i, :, 0]).view(n, cb)
         return q.view(e, n * b)
 
