@@ -159,6 +159,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--worker", default="ShmemVectorEnv", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1 (epochs timed after the first), got {args.epochs}")
     if args.side == "fsrl":
         print(json.dumps(fsrl_side(args)))
         return
