@@ -84,8 +84,9 @@ def test_rows_trained_are_counted_once_and_metrics_are_means_over_all_updates(ra
 
 
 def test_target_critics_no_grad_path_equals_the_autograd_path():
-    """Targets are evaluated by the no-grad path (per-member matmuls into a reused workspace); its values equal the
-    training forward's, call after call (the workspace is reused, the result is not)."""
+    """Targets are evaluated by the no-grad path (per-member matmuls into reused buffers); its values equal the
+    training forward's, call after call (the buffers are reused, the result is not), and after the parameters
+    change in place or are replaced."""
     from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import CriticEnsemble
 
     torch.manual_seed(0)
@@ -98,6 +99,16 @@ def test_target_critics_no_grad_path_equals_the_autograd_path():
         torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(again, critics(obs * 2, actions).detach(), rtol=1e-5, atol=1e-6)
         assert not first.requires_grad
+        # The reused buffers and views follow the parameters: updated in place (as Polyak averaging and loading a
+        # state dict do), and replaced by new tensors.
+        with torch.no_grad():
+            for p in critics.parameters():
+                p.mul_(0.5).add_(0.1)
+        torch.testing.assert_close(critics.forward_sampled(obs, actions.unsqueeze(0)), critics(obs, actions).detach(),
+                                   rtol=1e-5, atol=1e-6)
+        critics.net[2].weight = torch.nn.Parameter(torch.randn_like(critics.net[2].weight))
+        torch.testing.assert_close(critics.forward_sampled(obs, actions.unsqueeze(0)), critics(obs, actions).detach(),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_pi_old_is_a_copy_of_pi_after_each_round_with_round_sync_and_lags_with_polyak(ray_local):
