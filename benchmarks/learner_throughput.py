@@ -111,15 +111,20 @@ def measure(batch: int, n: int, hidden: int, obs_dim: int, threads: int, calls: 
     torch.set_num_threads(threads)  # after the build: the learner sets its own (learner_num_threads) when built
     learner = group._learner
     phases: dict = {}
-    original = learner.metrics.log_dict
+    # Each update's metrics pass through one method (an older checkout: MetricsLogger.log_dict); the phase timers
+    # are summed from there.
+    owner, name = (learner, "_log_update_metrics") if hasattr(learner, "_log_update_metrics") else \
+        (learner.metrics, "log_dict")
+    original = getattr(owner, name)
 
-    def recording_log_dict(d, *args, **kwargs):
+    def recording(*args, **kwargs):
+        d = args[-1] if name == "_log_update_metrics" else args[0]
         for key in ("time_critic_s", "time_estep_s", "time_dual_s", "time_mstep_s"):
             if key in d:
                 phases[key] = phases.get(key, 0.0) + d[key]
-        return original(d, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    learner.metrics.log_dict = recording_log_dict
+    setattr(owner, name, recording)
 
     def training_call():
         if hasattr(learner, "update_from_replay"):

@@ -30,6 +30,7 @@ from helpers import small_config
         (dict(estep_recent_steps=0), "estep_recent_steps must be an integer >= 1, got 0"),
         (dict(estep_recent_steps=2.5), "estep_recent_steps must be an integer >= 1, got 2.5"),
         (dict(critic_updates_per_update=0), "critic_updates_per_update must be an integer >= 1, got 0"),
+        (dict(estep_twin_min="yes"), "estep_twin_min must be True or False, got 'yes'"),
     ],
 )
 def test_validate_rejects_bad_settings_naming_them(training, message):

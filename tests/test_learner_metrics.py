@@ -53,13 +53,13 @@ def test_rows_trained_are_counted_once_and_metrics_are_means_over_all_updates(ra
     group = _learner_group()
     learner = group._learner
     logged = []
-    original = learner.metrics.log_dict
+    original = learner._log_update_metrics
 
-    def recording(d, *args, **kwargs):
+    def recording(mid, d):
         logged.append({k: float(v) for k, v in d.items()})
-        return original(d, *args, **kwargs)
+        return original(mid, d)
 
-    learner.metrics.log_dict = recording
+    learner._log_update_metrics = recording
     try:
         minibatches = 5
         results = group.update(batch=_batch(minibatches * B), minibatch_size=B, num_epochs=1,
@@ -149,6 +149,32 @@ def test_every_cost_head_trains_and_the_ensemble_combines_to_mean_plus_k_std(ray
         torch.testing.assert_close(combined[0], heads.mean(0) + 0.5 * heads.std(0))
     finally:
         group.shutdown()
+
+
+def test_the_estep_reward_value_is_the_twin_minimum_or_with_estep_twin_min_false_the_first_critic(ray_local):
+    for twin_min in (True, False):
+        group = _learner_group(estep_twin_min=twin_min)
+        learner = group._learner
+        module = learner.module[DEFAULT_MODULE_ID].unwrapped()
+        expected = {}
+        original = module.q_values_sampled
+
+        def recording(obs, actions, target=False, reward_critics=None):
+            # The target critics' values on the repeated states by the autograd path, before this update moves them.
+            n, b, _ = actions.shape
+            with torch.no_grad():
+                q = module.target_critics(obs.repeat(n, 1), actions.reshape(n * b, -1))
+            expected["qr"] = (q[:2].min(0).values if twin_min else q[0]).reshape(n, b).t()
+            return original(obs, actions, target=target, reward_critics=reward_critics)
+
+        module.q_values_sampled = recording
+        try:
+            group.update(batch=_batch(B), minibatch_size=B, num_epochs=1, shuffle_batch_per_epoch=False,
+                         timesteps={"num_env_steps_sampled_lifetime": 1000})
+            got = learner.last_estep[DEFAULT_MODULE_ID]["qr"]
+            torch.testing.assert_close(got, expected["qr"], rtol=1e-5, atol=1e-5)
+        finally:
+            group.shutdown()
 
 
 def test_critic_updates_per_update_steps_the_critics_on_each_batch_then_the_policy_on_the_last(ray_local):

@@ -30,6 +30,8 @@ def test_sampled_action_evaluation_equals_evaluation_on_repeated_observations(mo
     # Row n * B + b is action n of state b.
     torch.testing.assert_close(got[:, 3 * 64 + 5], critics(obs[5:6], actions[3, 5:6])[:, 0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[:, 7 * 64 + 63], critics(obs[63:], actions[7, 63:])[:, 0], rtol=1e-5, atol=1e-5)
+    # A subset of the critics, in the order asked: their rows of the whole ensemble's values.
+    torch.testing.assert_close(critics.forward_sampled(obs, actions, members=(3, 0)), got[[3, 0]], rtol=0, atol=0)
 
 
 def _policy_module(model_config):

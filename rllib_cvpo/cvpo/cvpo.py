@@ -97,6 +97,7 @@ class CVPOConfig(AlgorithmConfig):
         self.critic_lr = 1e-3
         self.tau = 0.05
         self.twin_q = True
+        self.estep_twin_min = True
         self.twin_qc = False
         self.qc_ensemble = 1
         self.qc_pessimism = 0.0
@@ -161,6 +162,7 @@ class CVPOConfig(AlgorithmConfig):
         critic_lr=NotProvided,
         tau=NotProvided,
         twin_q=NotProvided,
+        estep_twin_min=NotProvided,
         twin_qc=NotProvided,
         qc_ensemble=NotProvided,
         qc_pessimism=NotProvided,
@@ -227,6 +229,9 @@ class CVPOConfig(AlgorithmConfig):
             critic_lr: critics' Adam learning rate (default 1e-3, [FSRL] and [ORIG]).
             tau: Polyak rate of the target critics (default 0.05, [FSRL]).
             twin_q: two reward critics, using their minimum (default True, [ORIG]).
+            estep_twin_min: with twin_q, the E-step's Q_r on its B*N sampled actions is the minimum of both target
+                reward critics (default True, [ORIG]); False: the first alone, one critic evaluation fewer on the
+                update's largest matmuls, while the TD targets keep the minimum.
             twin_qc: two cost critics per constraint, using their maximum: a pessimistic cost estimate against the
                 off-policy underestimation of cost (default False [ours]).
             qc_ensemble: E_c, cost critic heads per constraint, each trained on its own TD target (default 1;
@@ -454,6 +459,8 @@ class CVPOConfig(AlgorithmConfig):
                           f"{self.learner_num_threads!r}")
         if self.pi_old_sync not in ("polyak", "round"):
             errors.append(f"pi_old_sync must be 'polyak' or 'round', got {self.pi_old_sync!r}")
+        if not isinstance(self.estep_twin_min, bool):
+            errors.append(f"estep_twin_min must be True or False, got {self.estep_twin_min!r}")
         if self.twin_qc and self.qc_ensemble != 1:
             errors.append(f"twin_qc and qc_ensemble={self.qc_ensemble!r} both set the cost heads: use one")
         if self.qc_pessimism and self.qc_ensemble < 2:

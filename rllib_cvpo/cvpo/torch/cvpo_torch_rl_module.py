@@ -89,7 +89,7 @@ class CriticEnsemble(nn.Module):
         x = torch.cat([obs, actions], dim=-1)
         return self.net(x.unsqueeze(0).expand(self.members, *x.shape)).squeeze(-1)
 
-    def _plan(self, obs: torch.Tensor, n: int, da: int) -> Dict[str, Any]:
+    def _plan(self, obs: torch.Tensor, n: int, da: int, members: Tuple[int, ...]) -> Dict[str, Any]:
         """Buffers and views for :meth:`forward_sampled` at one shape, made once and reused: the hidden activations,
         the actions and observation terms per chunk, and every member's weight views for every chunk. An E-step then
         runs its dozens of (member, chunk) steps without slicing or allocating anything per step (about a fifth of
@@ -98,13 +98,13 @@ class CriticEnsemble(nn.Module):
         state dict) keep them valid."""
         params = list(self.parameters())
         b, do = obs.shape
-        key = (n, b, da, obs.device, obs.dtype, tuple(p.data_ptr() for p in params))
+        key = (n, b, da, members, obs.device, obs.dtype, tuple(p.data_ptr() for p in params))
         plan = self._plans.get(key)
         if plan is not None:
             return plan
         if len(self._plans) >= 8:  # a few shapes occur per run (TD targets, E-step); never grow without bound
             self._plans.clear()
-        linears, e = self._linears, self.members
+        linears, e = self._linears, len(members)
         first, last = linears[0], linears[-1]
         # On CPU, states go through in chunks of about CPU_CHUNK_ROWS rows (N actions each), whose activations stay in
         # the core's cache: the bias adds and activations then run from cache, not memory, which took about a fifth
@@ -115,7 +115,7 @@ class CriticEnsemble(nn.Module):
         widths = [layer.weight.shape[-1] for layer in linears[:-1]]
         rows_max = n * states
         hidden = [torch.empty(rows_max * w, **like) for w in widths]  # one storage per hidden layer, all chunks
-        h_obs = torch.empty(e, b, widths[0], **like)  # the first layer's observation term, once per state
+        h_obs = torch.empty(e, b, widths[0], **like)  # the first layer's observation term, once per state and member
         q = torch.empty(e, n, b, **like)
         q_rows = torch.empty(rows_max, **like)
         chunks = []
@@ -125,26 +125,34 @@ class CriticEnsemble(nn.Module):
             acts = torch.empty(n, cb, da, **like)
             hs = [buf[: rows * w].view(rows, w) for buf, w in zip(hidden, widths)]
             steps = []
-            for i in range(e):
+            for row, i in enumerate(members):
                 middle = [(layer.bias[i], layer.weight[i], hs[j + 1]) for j, layer in enumerate(linears[1:-1])]
-                steps.append((first.weight[i, do:], hs[0], hs[0].view(n, cb, -1), h_obs[i, s : s + cb], middle,
-                              last.bias[i, 0], last.weight[i, :, 0], q[i, :, s : s + cb]))
+                steps.append((first.weight[i, do:], hs[0], hs[0].view(n, cb, -1), h_obs[row, s : s + cb], middle,
+                              last.bias[i, 0], last.weight[i, :, 0], q[row, :, s : s + cb]))
             chunks.append((s, cb, acts, acts.view(rows, da), q_rows[:rows], steps))
-        plan = self._plans[key] = dict(h_obs=h_obs, q=q, chunks=chunks, w_obs=first.weight[:, :do, :],
-                                       b_obs=first.bias)
+        index = list(members)
+        all_members = index == list(range(self.members))
+        plan = self._plans[key] = dict(h_obs=h_obs, q=q, chunks=chunks, index=None if all_members else index,
+                                       w_obs=first.weight[:, :do, :], b_obs=first.bias)
         return plan
 
     @torch.no_grad()
-    def forward_sampled(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def forward_sampled(self, obs: torch.Tensor, actions: torch.Tensor,
+                        members: Sequence[int] | None = None) -> torch.Tensor:
         """Q for N actions per state, without gradients: obs [B, do], actions [N, B, da] -> [E, N * B] (row
-        n * B + b). Same values as ``forward`` on the repeated observations, but the first layer's observation part
-        is computed once per state (not N times) and broadcast. The result is a new tensor; the hidden activations
-        live in buffers reused by the next call (:meth:`_plan`)."""
+        n * B + b), or with ``members`` only those critics, in that order. Same values as ``forward`` on the
+        repeated observations, but the first layer's observation part is computed once per state (not N times) and
+        broadcast. The result is a new tensor; the hidden activations live in buffers reused by the next call
+        (:meth:`_plan`)."""
         activate = INPLACE_ACTIVATIONS[self.activation]
         n, b, da = actions.shape
-        e = self.members
-        plan = self._plan(obs, n, da)
-        torch.baddbmm(plan["b_obs"], obs.unsqueeze(0).expand(e, *obs.shape), plan["w_obs"], out=plan["h_obs"])
+        members = tuple(range(self.members)) if members is None else tuple(int(i) for i in members)
+        e = len(members)
+        plan = self._plan(obs, n, da, members)
+        w_obs, b_obs = plan["w_obs"], plan["b_obs"]
+        if plan["index"] is not None:
+            w_obs, b_obs = w_obs[plan["index"]], b_obs[plan["index"]]
+        torch.baddbmm(b_obs, obs.unsqueeze(0).expand(e, *obs.shape), w_obs, out=plan["h_obs"])
         for s, cb, acts, acts_rows, q_rows, steps in plan["chunks"]:
             acts.copy_(actions[:, s : s + cb])
             for w_act, h, h3, h_obs, middle, b_out, w_out, q_out in steps:
@@ -228,10 +236,18 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
             q = self.critics(obs, actions)
         return self._split(q, combine)
 
-    def q_values_sampled(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False):
-        """(Q_r [n_r, N * B], Q_c [m, N * B]) for N squashed actions per state, ``actions`` [N, B, act]."""
-        q = (self.target_critics if target else self.critics).forward_sampled(obs.reshape(obs.shape[0], -1), actions)
-        return self._split(q, combine=True)
+    def q_values_sampled(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False,
+                         reward_critics: int | None = None):
+        """(Q_r [n_r, N * B], Q_c [m, N * B]) for N squashed actions per state, ``actions`` [N, B, act]. With
+        ``reward_critics`` = k < n_r, only the first k reward critics are evaluated (Q_r [k, N * B])."""
+        critics = self.target_critics if target else self.critics
+        obs = obs.reshape(obs.shape[0], -1)
+        n_r = self.num_reward_critics
+        if reward_critics is None or reward_critics >= n_r:
+            return self._split(critics.forward_sampled(obs, actions), combine=True)
+        members = tuple(range(reward_critics)) + tuple(range(n_r, critics.members))
+        q = critics.forward_sampled(obs, actions, members)
+        return q[:reward_critics], self.combine_cost_heads(q[reward_critics:])
 
     @override(RLModule)
     def _forward(self, batch: Dict[str, Any], **kwargs) -> Dict[str, Any]:
