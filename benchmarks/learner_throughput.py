@@ -41,7 +41,7 @@ SETTINGS = {  # name: (B, N, hidden, obs dim)
 MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot")
 
 
-def _build(batch: int, n: int, hidden: int, obs_dim: int, twin_q: bool):
+def _build(batch: int, n: int, hidden: int, obs_dim: int, twin_q: bool, **training):
     import gymnasium as gym
     import numpy as np
     import ray
@@ -57,7 +57,8 @@ def _build(batch: int, n: int, hidden: int, obs_dim: int, twin_q: bool):
     config = (
         CVPOConfig()
         .environment(observation_space=obs_space, action_space=act_space)
-        .training(num_action_samples=n, train_batch_size_per_learner=batch, episode_len=1000, twin_q=twin_q)
+        .training(num_action_samples=n, train_batch_size_per_learner=batch, episode_len=1000, twin_q=twin_q,
+                  **training)
         .learners(num_learners=0)
         .rl_module(model_config={"fcnet_hiddens": [hidden, hidden]})
     )
@@ -102,12 +103,12 @@ def _capture_matmuls(fn):
 
 
 def measure(batch: int, n: int, hidden: int, obs_dim: int, threads: int, calls: int, twin_q: bool,
-            profile: bool) -> dict:
+            profile: bool, training: dict | None = None) -> dict:
     import torch
     from ray.rllib.core import DEFAULT_MODULE_ID
     from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
-    group, replay = _build(batch, n, hidden, obs_dim, twin_q)
+    group, replay = _build(batch, n, hidden, obs_dim, twin_q, **(training or {}))
     torch.set_num_threads(threads)  # after the build: the learner sets its own (learner_num_threads) when built
     learner = group._learner
     phases: dict = {}
@@ -198,7 +199,8 @@ def _child(args) -> None:
     if source:
         sys.path.insert(0, source)
     batch, n, hidden, obs_dim = SETTINGS[args.child_setting]
-    result = measure(batch, n, hidden, obs_dim, args.threads, args.calls, not args.single_q, args.profile)
+    training = {} if source or not args.estep_first_critic else {"estep_twin_min": False}
+    result = measure(batch, n, hidden, obs_dim, args.threads, args.calls, not args.single_q, args.profile, training)
     import rllib_cvpo
 
     result["package"] = str(Path(rllib_cvpo.__file__).parent)
@@ -212,6 +214,8 @@ def _run_child(setting: str, source: str | None, args) -> dict:
         cmd += ["--child-source", source]
     if args.single_q:
         cmd.append("--single-q")
+    if args.estep_first_critic:
+        cmd.append("--estep-first-critic")
     if args.profile:
         cmd.append("--profile")
     env = dict(os.environ)
@@ -231,6 +235,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--before", metavar="DIR", help="a checkout whose rllib_cvpo to measure side by side")
     parser.add_argument("--single-q", action="store_true", help="one reward critic (twin_q=False), as FSRL's default")
+    parser.add_argument("--estep-first-critic", action="store_true",
+                        help="this checkout only: the E-step evaluates the first twin reward critic alone "
+                             "(estep_twin_min=False)")
     parser.add_argument("--profile", action="store_true", help="print torch's op profile of one training call")
     parser.add_argument("--child-setting", help=argparse.SUPPRESS)
     parser.add_argument("--child-source", help=argparse.SUPPRESS)
@@ -239,7 +246,8 @@ def main() -> None:
         _child(args)
         return
     print(f"CVPO learner on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{args.threads}, twin_q={not args.single_q}, {UPDATES_PER_CALL} updates per training call")
+          f"{args.threads}, twin_q={not args.single_q}, {UPDATES_PER_CALL} updates per training call"
+          + (", this checkout with estep_twin_min=False" if args.estep_first_critic else ""))
     sources = [("this", None)] + ([("before", str(Path(args.before).resolve()))] if args.before else [])
     for setting in args.settings:
         batch, n, hidden, obs_dim = SETTINGS[setting]
