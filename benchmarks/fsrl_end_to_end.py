@@ -59,44 +59,29 @@ def _import_safety_gymnasium():
 def fsrl_side(args) -> dict:
     """Runs in FSRL's Python: FSRL's agent set-up, collector and trainer, as its train_cvpo_agent.py drives them."""
     sys.path.insert(0, args.fsrl)
+    sys.path.insert(0, HERE)  # fsrl_agent.py
     _import_safety_gymnasium()
     import gymnasium as gym
     import numpy as np
     import torch
     from tianshou.data import VectorReplayBuffer
     from tianshou.env import DummyVectorEnv, ShmemVectorEnv
-    from tianshou.utils.net.common import Net
-    from tianshou.utils.net.continuous import ActorProb
-    from torch.distributions import Independent, Normal
 
     from fsrl.data import FastCollector
-    from fsrl.policy import CVPO
     from fsrl.trainer import OffpolicyTrainer
     from fsrl.utils import BaseLogger
-    from fsrl.utils.net.continuous import SingleCritic
+    from fsrl_agent import build_cvpo
 
     task = "SafetyPointCircle1Gymnasium-v0"
     # Mujoco2MCfg (fsrl/config/cvpo_cfg.py) for SafetyPointCircle1, as CVPOAgent builds it.
-    seed, hidden = 10, (128, 128)
+    seed = 10
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.set_num_threads(args.threads)
     env = gym.make(task)
-    actor = ActorProb(Net(env.observation_space.shape, hidden_sizes=hidden), env.action_space.shape,
-                      max_action=env.action_space.high[0], conditioned_sigma=True, unbounded=True)
-    critics = [SingleCritic(Net(env.observation_space.shape, env.action_space.shape, hidden_sizes=hidden, concat=True))
-               for _ in range(2)]
-    for m in list(actor.modules()) + [m for c in critics for m in c.modules()]:
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.orthogonal_(m.weight)
-            torch.nn.init.zeros_(m.bias)
     logger = BaseLogger()
-    policy = CVPO(actor=actor, critics=critics, actor_optim=torch.optim.Adam(actor.parameters(), lr=5e-4),
-                  critic_optim=torch.optim.Adam(torch.nn.ModuleList(critics).parameters(), lr=1e-3),
-                  logger=logger, action_space=env.action_space, dist_fn=lambda *logits: Independent(Normal(*logits), 1),
-                  max_episode_steps=env.spec.max_episode_steps, cost_limit=25.0, tau=0.05, gamma=0.995, n_step=3,
-                  estep_kl=0.02, sample_act_num=16, deterministic_eval=True, action_scaling=True,
-                  action_bound_method="clip")
+    policy = build_cvpo(env.observation_space, env.action_space, max_episode_steps=env.spec.max_episode_steps,
+                        logger=logger, deterministic_eval=True, action_scaling=True, action_bound_method="clip")
     episode_per_collect, training_num, testing_num = 10, 20, 2
     worker = {"ShmemVectorEnv": ShmemVectorEnv, "DummyVectorEnv": DummyVectorEnv}[args.worker]
 

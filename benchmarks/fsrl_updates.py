@@ -11,13 +11,13 @@ source tree with --fsrl:
 
 Only ``fsrl.policy.CVPO`` and ``fsrl.utils.net.continuous.SingleCritic`` are imported (with what they import).
 
-It builds FSRL's CVPO as ``fsrl.agent.CVPOAgent`` does (tianshou ``Net`` + ``ActorProb`` actor, one ``SingleCritic``
-for the reward and one for the cost, orthogonal init, a diagonal Gaussian), fills a ``VectorReplayBuffer`` of FSRL's
+It builds FSRL's CVPO as ``fsrl.agent.CVPOAgent`` does (``fsrl_agent.py``: tianshou ``Net`` + ``ActorProb`` actor,
+one ``SingleCritic`` for the reward and one for the cost, orthogonal init, a diagonal Gaussian), fills a ``VectorReplayBuffer`` of FSRL's
 size (200k, 2 sub-buffers, 500-step episodes, random data with a cost in ``info``), and times what FSRL's off-policy
 trainer runs per update: ``policy.update(batch_size, buffer)`` (sampling, n-step targets through the target critics,
 critic step, E-step, M-step, Polyak update), with ``pre_update_fn`` once per round of updates and
 ``post_update_fn`` (pi_old copy) after it, as the trainer does. Settings: FSRL's SafetyPointCircle1 ones (B 256,
-N 16 sampled actions, hidden 128x128, observation 28, action 2, n-step 3), one torch thread.
+N 16 sampled actions, hidden 128x128, observation 28, action 2, n-step 3, gamma 0.995), one torch thread.
 """
 
 from __future__ import annotations
@@ -45,31 +45,15 @@ def main() -> None:
     import numpy as np
     import torch
     from tianshou.data import Batch, VectorReplayBuffer
-    from tianshou.utils.net.common import Net
-    from tianshou.utils.net.continuous import ActorProb
-    from torch.distributions import Independent, Normal
 
-    from fsrl.policy import CVPO
-    from fsrl.utils.net.continuous import SingleCritic
+    from fsrl_agent import build_cvpo
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     obs_space = gym.spaces.Box(-np.inf, np.inf, (args.obs,), np.float32)
     act_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-    hidden = (args.hidden, args.hidden)
-    actor = ActorProb(Net(obs_space.shape, hidden_sizes=hidden), act_space.shape, max_action=1.0,
-                      conditioned_sigma=True, unbounded=False)
-    critics = [SingleCritic(Net(obs_space.shape, act_space.shape, hidden_sizes=hidden, concat=True))
-               for _ in range(2)]  # reward, cost
-    for m in list(actor.modules()) + [m for c in critics for m in c.modules()]:
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.orthogonal_(m.weight)
-            torch.nn.init.zeros_(m.bias)
-    policy = CVPO(actor=actor, critics=critics, actor_optim=torch.optim.Adam(actor.parameters(), lr=5e-4),
-                  critic_optim=torch.optim.Adam(torch.nn.ModuleList(critics).parameters(), lr=1e-3),
-                  action_space=act_space, dist_fn=lambda *logits: Independent(Normal(*logits), 1),
-                  max_episode_steps=500, cost_limit=25.0, tau=0.05, gamma=0.99, n_step=3, sample_act_num=args.samples)
+    policy = build_cvpo(obs_space, act_space, hidden=args.hidden, samples=args.samples)
 
     size, envs, horizon = 200_000, 2, 500
     buffer = VectorReplayBuffer(size, envs)
