@@ -222,8 +222,10 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         std, mean = torch.std_mean(heads, dim=0)
         return mean + self.qc_pessimism * std
 
-    def _split(self, q: torch.Tensor, combine: bool):
-        qr, qc = q[: self.num_reward_critics], q[self.num_reward_critics :]
+    def _split(self, q: torch.Tensor, combine: bool, reward_rows: int | None = None):
+        """(Q_r, Q_c) from the ensemble's rows: the first ``reward_rows`` (default: all reward critics) are Q_r."""
+        k = self.num_reward_critics if reward_rows is None else reward_rows
+        qr, qc = q[:k], q[k:]
         return qr, (self.combine_cost_heads(qc) if combine else qc)
 
     def q_values(self, obs: torch.Tensor, actions: torch.Tensor, target: bool = False, combine: bool = True):
@@ -246,8 +248,7 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
         if reward_critics is None or reward_critics >= n_r:
             return self._split(critics.forward_sampled(obs, actions), combine=True)
         members = tuple(range(reward_critics)) + tuple(range(n_r, critics.members))
-        q = critics.forward_sampled(obs, actions, members)
-        return q[:reward_critics], self.combine_cost_heads(q[reward_critics:])
+        return self._split(critics.forward_sampled(obs, actions, members), combine=True, reward_rows=reward_critics)
 
     @override(RLModule)
     def _forward(self, batch: Dict[str, Any], **kwargs) -> Dict[str, Any]:
