@@ -3,7 +3,7 @@
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
-from rllib_cvpo.cvpo.mstep import kl_mean_and_std, weighted_mle_loss
+from rllib_cvpo.cvpo.mstep import MIN_STD, WeightedMoments, kl_mean_and_std, mstep_terms, weighted_mle_loss
 
 
 def _gaussians(seed, b=32, d=3):
@@ -39,3 +39,30 @@ def test_weighted_mle_loss_is_the_weighted_log_likelihood_and_its_mean_optimum_i
     mu_var = target.clone().requires_grad_(True)
     weighted_mle_loss(u, w, mu_o, s_o, mu_var, s).backward()
     torch.testing.assert_close(mu_var.grad, torch.zeros_like(mu_var.grad), atol=1e-6, rtol=0)
+
+
+def test_the_learners_fused_mstep_terms_equal_the_reference_in_value_and_gradient():
+    """mstep_terms (weighted moments, closed-form gradients) against weighted_mle_loss and kl_mean_and_std, in
+    float64, with one old and one new std below the variance floor (no gradient there), and a loss that weighs the
+    three terms as the learner does."""
+    g = torch.Generator().manual_seed(4)
+    b, n, d = 16, 8, 3
+    mu_o, s_o, mu, s = (x.double() for x in _gaussians(5, b=b, d=d))
+    s_o[0, 0], s[1, 1] = 0.1 * MIN_STD, 0.5 * MIN_STD
+    u = torch.randn(n, b, d, generator=g, dtype=torch.float64)
+    w = torch.softmax(torch.randn(b, n, generator=g, dtype=torch.float64), dim=1)
+    mu.requires_grad_(True)
+    s.requires_grad_(True)
+
+    def total(loss, kl_mu, kl_sigma):
+        return loss + 0.7 * kl_mu.mean() + 1.3 * kl_sigma.mean()
+
+    reference = (weighted_mle_loss(u, w, mu_o, s_o, mu, s), *kl_mean_and_std(mu_o, s_o, mu, s))
+    fused = mstep_terms(WeightedMoments(u, w, mu_o, s_o), mu, s)
+    for a, b_ in zip(fused, reference):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-9)
+    grads = torch.autograd.grad(total(*fused), [mu, s])
+    expected = torch.autograd.grad(total(*reference), [mu, s])
+    for a, b_ in zip(grads, expected):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-9)
+    assert grads[1][1, 1] == 0.0  # below the floor

@@ -22,7 +22,7 @@ from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 from rllib_cvpo.cvpo import estep
 from rllib_cvpo.cvpo.estep import qc_threshold
 from rllib_cvpo.cvpo.feedback import THRESHOLD_OFFSET
-from rllib_cvpo.cvpo.mstep import kl_mean_and_std, weighted_mle_loss
+from rllib_cvpo.cvpo.mstep import WeightedMoments, mstep_terms
 from rllib_cvpo.cvpo.replay import BOOTSTRAP_DISCOUNT, COSTS, POLICY_OBS, CostReplayBuffer
 
 CVPO_STATE = "cvpo_state"
@@ -320,10 +320,12 @@ class CVPOTorchLearner(TorchLearner):
         t2 = clock()
 
         # M-step: weighted MLE inside decoupled KL trust regions; alpha by projected dual ascent before each step.
+        # The likelihood terms are quadratic in the samples: their weighted moments per state stand in for the N
+        # samples, and the loss and KL terms are one autograd node (mstep.py).
+        moments = WeightedMoments(u, weights, mean_o, std_o)
         for _ in range(cfg.mstep_iterations):
             mean, std = module.policy(pobs)
-            loss_mle = weighted_mle_loss(u, weights, mean_o, std_o, mean, std)
-            kl_mu, kl_sigma = kl_mean_and_std(mean_o, std_o, mean, std)
+            loss_mle, kl_mu, kl_sigma = mstep_terms(moments, mean, std)
             c_mu, c_sigma = kl_mu.mean(), kl_sigma.mean()
             g_mu, g_sigma = self._global_means(kl_mu.detach(), kl_sigma.detach())
             state["alpha_mu"] = float(np.clip(state["alpha_mu"] + cfg.alpha_mean_step * (g_mu - cfg.kl_mean), 0.0,
