@@ -12,13 +12,14 @@ hidden 256x256; then N 32), with one torch thread unless --threads says otherwis
 - update alone: updates/s of ``_update`` on a minibatch already in tensors;
 - matmuls alone: the time of every dense matmul one update runs (forward and backward, captured from a real update
   with a TorchDispatchMode and replayed on the same shapes), and the ratio update / matmuls: how close the update
-  runs to the arithmetic it cannot avoid. The ratio is a property of the code, nearly independent of how fast or
-  busy the machine is;
+  runs to the arithmetic it cannot avoid. The two are timed in 5 alternating rounds and each is its best round, so
+  the ratio is a property of the code, nearly independent of how fast or busy the machine is;
 - the update's phases (critic step, E-step critics, dual, M-step) from the learner's own timers.
 
 Each (checkout, setting) runs in a fresh process, so allocator settings and warm caches do not leak between them.
 ``--before DIR`` measures the rllib_cvpo package in DIR (e.g. ``git worktree add ../old-tree HEAD~5``) in the same
-run, interleaved with this one, and prints the ratio of their training-path rates.
+run, interleaved with this one, and prints the ratio of their training-path rates; ``--repeat K`` alternates the two
+K times and compares each one's best, so that a slow stretch of the machine does not fall on one side only.
 """
 
 from __future__ import annotations
@@ -152,23 +153,31 @@ def measure(batch: int, n: int, hidden: int, obs_dim: int, threads: int, calls: 
     def one_update():
         learner._update(tensors)
 
-    for _ in range(5):
-        one_update()
-    t0 = time.perf_counter()
-    for _ in range(updates):
-        one_update()
-    update_s = (time.perf_counter() - t0) / updates
-
     ops = _capture_matmuls(one_update)
-    with torch.no_grad():
+
+    def matmuls():
         for func, args, kwargs in ops:
             func(*args, **kwargs)
-        reps = max(updates // 2, 20)
+
+    for _ in range(5):
+        one_update()
+    # The update alone and its matmuls alone, alternating in rounds; each figure is its best round, so a stretch in
+    # which the machine runs slowly does not land on one side of the ratio only.
+    rounds = 5
+    per_round = max(updates // rounds, 10)
+    update_s = matmul_s = float("inf")
+    with torch.no_grad():
+        matmuls()
+    for _ in range(rounds):
         t0 = time.perf_counter()
-        for _ in range(reps):
-            for func, args, kwargs in ops:
-                func(*args, **kwargs)
-        matmul_s = (time.perf_counter() - t0) / reps
+        for _ in range(per_round):
+            one_update()
+        update_s = min(update_s, (time.perf_counter() - t0) / per_round)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                matmuls()
+            matmul_s = min(matmul_s, (time.perf_counter() - t0) / per_round)
     flops = 0
     for func, args, _ in ops:
         name = func.overloadpacket.__name__
@@ -234,6 +243,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--before", metavar="DIR", help="a checkout whose rllib_cvpo to measure side by side")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure each checkout this many times, alternating (this, before, this, ...); the "
+                             "ratios compare each one's best")
     parser.add_argument("--single-q", action="store_true", help="one reward critic (twin_q=False), as FSRL's default")
     parser.add_argument("--estep-first-critic", action="store_true",
                         help="this checkout only: the E-step evaluates the first twin reward critic alone "
@@ -252,19 +264,27 @@ def main() -> None:
     for setting in args.settings:
         batch, n, hidden, obs_dim = SETTINGS[setting]
         print(f"\n{setting}: B {batch}, N {n}, hidden {hidden}x{hidden}, obs {obs_dim}")
-        results = {}
-        for label, source in sources:
-            r = results[label] = _run_child(setting, source, args)
-            phases = ", ".join(f"{k[5:-2]} {v:.2f}" for k, v in r["phases_ms"].items())
-            print(f"  {label:6s} training path {r['training_updates_per_s']:6.1f} updates/s | update alone "
-                  f"{1e3 / r['update_ms']:6.1f}/s ({r['update_ms']:.2f} ms) | matmuls alone {r['matmul_ms']:.2f} ms "
-                  f"({r['matmul_ops']} ops, {r['matmul_gflops']:.0f} GFLOP/s) | update/matmuls "
-                  f"{r['update_ms'] / r['matmul_ms']:.2f}")
-            print(f"         phases (ms per update): {phases}")
-            if r.get("profile"):
-                print(r["profile"])
-        if "before" in results:
-            this, before = results["this"], results["before"]
+        runs: dict = {label: [] for label, _ in sources}
+        for _ in range(args.repeat):
+            for label, source in sources:
+                r = _run_child(setting, source, args)
+                runs[label].append(r)
+                phases = ", ".join(f"{k[5:-2]} {v:.2f}" for k, v in r["phases_ms"].items())
+                print(f"  {label:6s} training path {r['training_updates_per_s']:6.1f} updates/s | update alone "
+                      f"{1e3 / r['update_ms']:6.1f}/s ({r['update_ms']:.2f} ms) | matmuls alone {r['matmul_ms']:.2f} "
+                      f"ms ({r['matmul_ops']} ops, {r['matmul_gflops']:.0f} GFLOP/s) | update/matmuls "
+                      f"{r['update_ms'] / r['matmul_ms']:.2f}")
+                print(f"         phases (ms per update): {phases}")
+                if r.get("profile"):
+                    print(r["profile"])
+        best = {label: {"training_updates_per_s": max(r["training_updates_per_s"] for r in rs),
+                        "update_ms": min(r["update_ms"] for r in rs)} for label, rs in runs.items()}
+        if args.repeat > 1:
+            for label, b in best.items():
+                print(f"  {label:6s} best of {args.repeat}: training path {b['training_updates_per_s']:.1f} updates/s, "
+                      f"update alone {b['update_ms']:.2f} ms")
+        if "before" in best:
+            this, before = best["this"], best["before"]
             print(f"  this / before: training path {this['training_updates_per_s'] / before['training_updates_per_s']:.2f}x,"
                   f" update alone {before['update_ms'] / this['update_ms']:.2f}x")
 
