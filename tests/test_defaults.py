@@ -34,6 +34,7 @@ def test_presets_set_the_published_settings():
             fsrl.replay_capacity, fsrl.updates_per_env_step) == (0.995, 0.02, 3, "round", False, 20.0, 200_000, 0.2)
     paper = CVPOConfig().paper_preset()
     assert (paper.gamma, paper.num_action_samples, paper.mstep_iterations, paper.estep_kl) == (0.99, 32, 6, 0.1)
+    assert (paper.twin_q, paper.estep_twin_min) == (True, True)  # the original's E-step takes the twins' minimum
     # Neither published configuration has this project's constraint settings, whatever the defaults are.
     assert (fsrl.qc_nonnegative, fsrl.cost_feedback_gain) == (False, 0.0)
     assert (paper.n_step, paper.pi_old_sync, paper.qc_nonnegative, paper.cost_feedback_gain) == (1, "polyak", False, 0.0)

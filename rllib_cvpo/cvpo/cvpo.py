@@ -317,13 +317,14 @@ class CVPOConfig(AlgorithmConfig):
         """The original paper's settings (Table 1 and the original code's config): gamma 0.99, B 300, N 32, M 6,
         eps 0.1, eps_mu = eps_Sigma = 0.001, alpha caps 0.1 / 10, actor lr 0.002 with gradient clip 0.01, critic lr
         1e-3, Polyak 0.995 for the critics and pi_old, eta = lambda = 0.1 initially, dual bounds 1e5, buffer
-        80 000, 256x256 networks, 0.13 updates per env step (40 reruns of 8000 steps in batches of 300)."""
+        80 000, 256x256 networks, twin reward critics whose minimum the E-step takes too, 0.13 updates per env step
+        (40 reruns of 8000 steps in batches of 300)."""
         self.training(
             gamma=0.99, train_batch_size_per_learner=300, num_action_samples=32, mstep_iterations=6, estep_kl=0.1,
             kl_mean=0.001, kl_std=0.001, alpha_mean_step=1.0, alpha_std_step=100.0, alpha_mean_max=0.1,
             alpha_std_max=10.0, actor_lr=0.002, actor_grad_clip=0.01, critic_lr=1e-3, tau=0.005, tau_policy=0.005,
             eta_init=0.1, lambda_init=0.1, eta_max=1e5, lambda_max=1e5, replay_capacity=80_000, twin_q=True,
-            updates_per_env_step=0.133, num_steps_sampled_before_learning_starts=4000, n_step=1,
+            estep_twin_min=True, updates_per_env_step=0.133, num_steps_sampled_before_learning_starts=4000, n_step=1,
             pi_old_sync="polyak", qc_nonnegative=False, cost_feedback_gain=0.0,
         )
         return self.rl_module(model_config={"fcnet_hiddens": [256, 256], "fcnet_activation": "relu"})
