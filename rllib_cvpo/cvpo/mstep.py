@@ -75,9 +75,11 @@ class WeightedMoments:
             self.first = (w * e).sum(0)
             self.second = (w * e * e).sum(0)
             self.mu_old = mu_old
-            self.std_old = std_old.clamp_min(MIN_STD)
+            std_old = std_old.clamp_min(MIN_STD)
+            self.var_old = std_old * std_old
+            self.inv_var_old = 1.0 / self.var_old  # both reused by every M-step iteration on these samples
             # The terms without a gradient, as in weighted_mle_loss (whose constant takes q to sum to 1 per state).
-            self.const = 2.0 * u.shape[-1] * _LOG_SQRT_2PI + (self.total * self.std_old.log()).sum(-1).mean()
+            self.const = 2.0 * u.shape[-1] * _LOG_SQRT_2PI + (self.total * std_old.log()).sum(-1).mean()
 
 
 class _MStepTerms(torch.autograd.Function):
@@ -92,24 +94,24 @@ class _MStepTerms(torch.autograd.Function):
     def forward(ctx, mu: torch.Tensor, std: torch.Tensor, m: WeightedMoments):  # noqa: D102
         s = std.clamp_min(MIN_STD)
         delta = mu - m.mu_old
-        inv_var_old = m.std_old.pow(-2)
+        inv_var_old = m.inv_var_old
         inv_var = s.pow(-2)
         batch = mu.shape[0]
         fit_mean = 0.5 * ((m.second - 2.0 * delta * m.first + delta * delta * m.total) * inv_var_old).sum()
         fit_std = 0.5 * (m.second * inv_var).sum() + (m.total * s.log()).sum()
         loss = m.const + (fit_mean + fit_std) / batch
-        ratio = m.std_old.pow(2) * inv_var
+        ratio = m.var_old * inv_var
         kl_mu = 0.5 * (delta * delta * inv_var_old).sum(-1)
         kl_sigma = 0.5 * (ratio - 1.0 - ratio.log()).sum(-1)
-        ctx.save_for_backward(delta, s, inv_var_old, inv_var, ratio, std >= MIN_STD)
+        ctx.save_for_backward(delta, s, inv_var, ratio, std >= MIN_STD)
         ctx.m = m
         return loss, kl_mu, kl_sigma
 
     @staticmethod
     def backward(ctx, g_loss: torch.Tensor, g_kl_mu: torch.Tensor, g_kl_sigma: torch.Tensor):  # noqa: D102
-        delta, s, inv_var_old, inv_var, ratio, above_floor = ctx.saved_tensors
+        delta, s, inv_var, ratio, above_floor = ctx.saved_tensors
         m, batch = ctx.m, delta.shape[0]
-        g_mu = ((g_loss / batch) * (m.total * delta - m.first) + g_kl_mu.unsqueeze(-1) * delta) * inv_var_old
+        g_mu = ((g_loss / batch) * (m.total * delta - m.first) + g_kl_mu.unsqueeze(-1) * delta) * m.inv_var_old
         g_s = (g_loss / batch) * (m.total - m.second * inv_var) + g_kl_sigma.unsqueeze(-1) * (1.0 - ratio)
         g_std = torch.where(above_floor, g_s / s, 0.0)
         return g_mu, g_std, None
