@@ -141,14 +141,15 @@ def test_report_picks_the_feasible_best_not_the_highest_return(tmp_path):
 
 
 # -- a real sweep, interrupted and resumed -------------------------------------------------------------------------
-SWEEP = sweep_yaml("interrupted", 2000, tail="resources: {env_runners: 0}\nmax_concurrent_trials: 1\n")
+SWEEP = sweep_yaml("interrupted", 2000, tail="resources: {env_runners: 0}\nmax_concurrent_trials: 1\n").replace(
+    "cost_limit: {grid: [15, 30]}", "cost_limit: {grid: [15, 30, 45]}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("second_started", [True, False])
-def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, tmp_path, second_started):
-    """Interrupted while the second trial runs (the first finished), or while the first runs and the second has not
-    started (its configuration then comes from the restored param space)."""
+def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, tmp_path):
+    """Three trials one at a time, interrupted while the second runs: on resume the first (finished) is not run
+    again, the second continues from its checkpoint, and the third (not started) runs whole with its configuration
+    from the restored param space."""
     address = ray_local.get_runtime_context().gcs_address
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP)
@@ -164,13 +165,9 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, 
         done = [t for t in ts if result_rows(t)[-1]["cvpo"]["env_steps"] >= 2000]
         return len(done) == 1 and len(ts) == 2
 
-    def first_started_only():
-        ts = [t for t in trials() if result_rows(t)]
-        return len(ts) == 1 and len(trials()) == 1
-
     try:
         deadline = time.time() + 400
-        while not (first_done_second_started() if second_started else first_started_only()):
+        while not first_done_second_started():
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "timed out waiting for the second trial"
             time.sleep(0.3)
@@ -179,31 +176,23 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, 
     finally:
         if proc.poll() is None:
             proc.kill()
-    if not second_started:
-        assert len(trials()) == 1 and result_rows(trials()[0])[-1]["cvpo"]["env_steps"] < 2000
-        # As if the sweep had been started by a version without the setting `cost_feedback_source`: its tuner.pkl
-        # does not list it, and the resume (with this version's CVPOConfig) must still be accepted.
-        import pickle
-
-        from ray import cloudpickle
-
-        state = pickle.loads((sweep_dir / "tuner.pkl").read_bytes())
-        keys = state["__flattened_param_space_keys"]
-        assert "cost_feedback_source" in keys
-        state["__flattened_param_space_keys"] = [k for k in keys if k != "cost_feedback_source"]
-        (sweep_dir / "tuner.pkl").write_bytes(cloudpickle.dumps(state))
-        resumed = subprocess.run([*CLI, "sweep", str(path), "--storage", str(storage), "--address", address,
-                                  "--resume"], capture_output=True, text=True, timeout=600)
-        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-        assert len(trials()) == 2
-        for trial in trials():
-            steps = [r["cvpo"]["env_steps"] for r in result_rows(trial)]
-            assert steps == [1000, 2000]  # each iteration once: the first continued, the second ran whole
-        return
+    assert len(trials()) == 2  # the third has not started
     finished = next(t for t in trials() if result_rows(t)[-1]["cvpo"]["env_steps"] >= 2000)
     unfinished = next(t for t in trials() if t != finished)
     before = (finished / "result.json").read_bytes()
     assert result_rows(unfinished)[-1]["cvpo"]["env_steps"] < 2000  # interrupted mid-way
+
+    # As if the sweep had been started by a version without the setting `cost_feedback_source`: its tuner.pkl does
+    # not list it, and the resume (with this version's CVPOConfig) must still be accepted.
+    import pickle
+
+    from ray import cloudpickle
+
+    state = pickle.loads((sweep_dir / "tuner.pkl").read_bytes())
+    keys = state["__flattened_param_space_keys"]
+    assert "cost_feedback_source" in keys
+    state["__flattened_param_space_keys"] = [k for k in keys if k != "cost_feedback_source"]
+    (sweep_dir / "tuner.pkl").write_bytes(cloudpickle.dumps(state))
 
     resumed = subprocess.run([*CLI, "sweep", str(path), "--storage", str(storage), "--address", address, "--resume"],
                              capture_output=True, text=True, timeout=600)
@@ -211,7 +200,9 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, 
     assert (finished / "result.json").read_bytes() == before  # not run again
     steps = [r["cvpo"]["env_steps"] for r in result_rows(unfinished)]
     assert steps[-1] == 2000 and steps[0] == 1000 and steps == sorted(steps)
-    assert len(trials()) == 2
+    assert len(trials()) == 3
+    third, = [t for t in trials() if t not in (finished, unfinished)]
+    assert [r["cvpo"]["env_steps"] for r in result_rows(third)] == [1000, 2000]  # each iteration once
     out = report(sweep_dir)
-    assert sorted(out["table"]["cost_limit"]) == [15.0, 30.0] and set(out["table"]["seeds"]) == {1}
+    assert sorted(out["table"]["cost_limit"]) == [15.0, 30.0, 45.0] and set(out["table"]["seeds"]) == {1}
     assert out["best"] is not None and Path(out["best"]["checkpoint"]).is_dir()
