@@ -198,11 +198,10 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, 
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert (finished / "result.json").read_bytes() == before  # not run again
-    steps = [r["cvpo"]["env_steps"] for r in result_rows(unfinished)]
-    assert steps[-1] == 2000 and steps[0] == 1000 and steps == sorted(steps)
     assert len(trials()) == 3
     third, = [t for t in trials() if t not in (finished, unfinished)]
-    assert [r["cvpo"]["env_steps"] for r in result_rows(third)] == [1000, 2000]  # each iteration once
+    for trial in (unfinished, third):  # each iteration once: the second continued, the third ran whole
+        assert [r["cvpo"]["env_steps"] for r in result_rows(trial)] == [1000, 2000]
     out = report(sweep_dir)
     assert sorted(out["table"]["cost_limit"]) == [15.0, 30.0, 45.0] and set(out["table"]["seeds"]) == {1}
     assert out["best"] is not None and Path(out["best"]["checkpoint"]).is_dir()
