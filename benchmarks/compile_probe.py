@@ -41,8 +41,7 @@ def main() -> None:
     from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
     from learner_throughput import _build
-    from rllib_cvpo.cvpo.torch.cvpo_torch_learner import BOOTSTRAP_DISCOUNT, COSTS
-
+    
     inductor_config.fallback_random = True  # the same random draws as eager
     group, replay = _build(args.batch, args.samples, args.hidden, 28, True)
     torch.set_num_threads(1)
@@ -52,36 +51,25 @@ def main() -> None:
     cfg = learner.config.get_config_for_module(mid)
     b = learner._convert_batch_type(MultiAgentBatch(
         {mid: SampleBatch(replay.sample(args.batch))}, env_steps=args.batch)).policy_batches[mid]
-    obs, actions = b[Columns.OBS], b[Columns.ACTIONS]
-    rewards, costs = b[Columns.REWARDS].float(), b[COSTS].float().reshape(args.batch, -1)
-    next_obs, discount = b[Columns.NEXT_OBS], b[BOOTSTRAP_DISCOUNT].float()
+    obs = b[Columns.OBS]
 
-    def critic_losses(noise):  # as CVPOTorchLearner._critic_step computes them
-        m = costs.shape[1]
-        with torch.no_grad():
-            mean_n, std_n = module.policy(next_obs)
-            tqr, tqc = module.q_values(next_obs, torch.tanh(mean_n + std_n * noise), target=True,
-                                       combine=module.twin_qc)
-            y_r = rewards + discount * tqr.min(0).values
-            y_c = costs.t().repeat(tqc.shape[0] // m, 1) + discount * tqc
-        qr, qc = module.q_values(obs, actions, combine=False)
-        return ((qr - y_r) ** 2).mean(1).sum(), ((qc - y_c.repeat(qc.shape[0] // y_c.shape[0], 1)) ** 2).mean(1).sum()
+    def critic_losses(rows):  # the learner's own TD losses (its next actions drawn inside)
+        return learner._critic_losses(module, cfg, rows)[:2]
 
     def estep_critics(u):  # as the E-step evaluates them
         with torch.no_grad():
             return module.q_values_sampled(obs, torch.tanh(u), target=True,
                                            reward_critics=None if cfg.estep_twin_min else 1)
 
-    noise = torch.randn(args.batch, 2)
     u = torch.randn(args.samples, args.batch, 2)
 
     def critic_step(fn):
         def call():
-            loss_qr, loss_qc = fn(noise)
+            loss_qr, loss_qc = fn(b)
             learner._step(mid, "critic", loss_qr + loss_qc)
         return call
 
-    pieces = {"critic step": (critic_losses, critic_step, noise), "E-step critics": (estep_critics, None, u)}
+    pieces = {"critic step": (critic_losses, critic_step, b), "E-step critics": (estep_critics, None, u)}
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, 1 thread; B {args.batch}, "
           f"N {args.samples}, hidden {args.hidden}x{args.hidden}, {args.rounds} alternating rounds of {args.calls} calls")
     for name, (fn, wrap, x) in pieces.items():
@@ -89,7 +77,10 @@ def main() -> None:
         compiled = torch.compile(fn, dynamic=False)
         compiled(x)
         compile_s = time.perf_counter() - t0
-        eager_out, compiled_out = fn(x), compiled(x)
+        torch.manual_seed(0)
+        eager_out = fn(x)
+        torch.manual_seed(0)  # the same draws (Inductor's fallback_random)
+        compiled_out = compiled(x)
         diff = max(float((e - c).abs().max()) for e, c in zip(eager_out, compiled_out))
         calls = {"eager": wrap(fn) if wrap else (lambda: fn(x)), "compiled": wrap(compiled) if wrap else
                  (lambda: compiled(x))}

@@ -237,6 +237,12 @@ class CVPOTorchLearner(TorchLearner):
 
     def _critic_step(self, mid: str, module, cfg, b) -> Tuple[torch.Tensor, ...]:
         """One TD step of every critic on the rows of ``b``; returns (reward loss, cost loss, Q_r, Q_c)."""
+        loss_qr, loss_qc, qr, qc = self._critic_losses(module, cfg, b)
+        self._step(mid, "critic", loss_qr + loss_qc)
+        return loss_qr, loss_qc, qr, qc
+
+    def _critic_losses(self, module, cfg, b) -> Tuple[torch.Tensor, ...]:
+        """The critics' TD losses on the rows of ``b`` (and Q_r, Q_c), before the optimizer step."""
         obs, actions = b[Columns.OBS], b[Columns.ACTIONS]
         rewards, costs = b[Columns.REWARDS].float(), b[COSTS].float().reshape(obs.shape[0], -1)
         next_obs, discount = b[Columns.NEXT_OBS], b[BOOTSTRAP_DISCOUNT].float()
@@ -256,7 +262,6 @@ class CVPOTorchLearner(TorchLearner):
         qr, qc = module.q_values(obs, actions, combine=False)
         loss_qr = ((qr - y_r) ** 2).mean(1).sum()
         loss_qc = ((qc - y_c.repeat(qc.shape[0] // y_c.shape[0], 1)) ** 2).mean(1).sum()
-        self._step(mid, "critic", loss_qr + loss_qc)
         return loss_qr, loss_qc, qr, qc
 
     def _update_module(self, mid: str, module, cfg, b) -> torch.Tensor:
