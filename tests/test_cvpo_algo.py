@@ -163,6 +163,41 @@ def test_two_iterations_on_safety_point_goal_with_a_remote_env_runner(ray_local)
         algo.stop()
 
 
+def _run_and_read(config, iterations):
+    """(every replay column, every module weight) after ``iterations`` training iterations."""
+    algo = config.build_algo()
+    try:
+        for _ in range(iterations):
+            algo.train()
+        learner = algo.learner_group._learner
+        replay = {k: np.array(v[: learner.replay._size]) for k, v in learner.replay._data.items()}
+        weights = {k: v.detach().clone() for k, v in learner.module["default_policy"].state_dict().items()}
+    finally:
+        algo.stop()
+    return replay, weights
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_seeded_run_repeats_exactly(ray_local, remote):
+    # The same seed gives the same random warm-up actions, episodes, updates and weights (RLlib seeds the envs but
+    # not the action space that the warm-up samples from: CostMetricsCallback.on_environment_created does), with
+    # the EnvRunner in the driver and with a remote one sampling beside the update; another seed does not.
+    def config(seed):
+        c = small_config(num_steps_sampled_before_learning_starts=400).debugging(seed=seed)
+        if remote:
+            c = c.env_runners(num_env_runners=1, create_local_env_runner=False)
+        return c.evaluation(evaluation_interval=None)
+
+    first, again, other = (_run_and_read(config(seed), 3) for seed in (0, 0, 1))
+    assert len(first[0]["actions"]) >= 800 and first[0].keys() == again[0].keys()
+    for key in first[0]:
+        np.testing.assert_array_equal(first[0][key], again[0][key], err_msg=key)
+    for key in first[1]:
+        assert torch.equal(first[1][key], again[1][key]), key
+    assert not np.array_equal(first[0]["actions"][:400], other[0]["actions"][:400])
+    assert any(not torch.equal(first[1][k], other[1][k]) for k in first[1])
+
+
 def test_twin_cost_critics_train_both_heads_and_use_their_maximum(ray_local):
     algo = small_config(twin_qc=True).build_algo()
     try:

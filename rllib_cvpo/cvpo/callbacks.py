@@ -1,4 +1,5 @@
-"""Episode cost metrics, computed in every EnvRunner (training and evaluation)."""
+"""The EnvRunners' callbacks (training and evaluation): episode cost metrics, and the seeding of the random
+warm-up actions."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ CUMULATIVE_COST = "cumulative_cost"
 class CostMetricsCallback(RLlibCallback):
     """Sums each episode's cost keys and logs, per iteration: ``episode_cost`` (mean of the main cost), its max,
     the fraction of episodes over the limit (every constraint checked), the per-key means, and the cumulative
-    cost of all episodes finished so far (``cumulative_cost``)."""
+    cost of all episodes finished so far (``cumulative_cost``). With a seed, it also seeds each new env's action
+    space, so that a seeded run repeats."""
+
+    def on_environment_created(self, *, env_runner=None, **kwargs) -> None:
+        # RLlib seeds each env at its first reset, but not the vector env's action space, whose sample() gives the
+        # warm-up's random actions (SingleAgentEnvRunner, random_actions=True): without this, two runs with the same
+        # seed differ from their first action on. The EnvRunner's own seed (the config's, offset per worker, and for
+        # evaluation runners) keeps runners apart.
+        seed = getattr(env_runner, "_seed", None)
+        if seed is not None:
+            env_runner.env.action_space.seed(int(seed))
 
     def on_episode_step(self, *, episode, env_runner=None, **kwargs) -> None:
         info = episode.get_infos(-1)
