@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/learner_throughput.py                       # FSRL's Circle settings, 256x256, N 32
     .venv/bin/python benchmarks/learner_throughput.py --before ../old-tree  # and an older checkout, side by side
     .venv/bin/python benchmarks/learner_throughput.py --profile             # plus torch's op profile of one call
+    python benchmarks/learner_throughput.py --device cuda --settings fsrl-circle b-4096 n-64 b-4096-n-64  # a GPU
 
 For each setting (default: B 256, N 16, hidden 128x128, obs 28, act 2 = FSRL's SafetyPointCircle1 settings; then
 hidden 256x256; then N 32), with one torch thread unless --threads says otherwise, it prints:
@@ -38,11 +39,15 @@ SETTINGS = {  # name: (B, N, hidden, obs dim)
     "fsrl-circle": (256, 16, 128, 28),
     "hidden-256": (256, 16, 256, 28),
     "n-32": (256, 32, 128, 28),
+    # Larger batches and more action samples, for a GPU learner (--device cuda --settings fsrl-circle b-4096 ...).
+    "n-64": (256, 64, 128, 28),
+    "b-4096": (4096, 16, 128, 28),
+    "b-4096-n-64": (4096, 64, 128, 28),
 }
 MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot")
 
 
-def _build(batch: int, n: int, hidden: int, obs_dim: int, twin_q: bool, **training):
+def _build(batch: int, n: int, hidden: int, obs_dim: int, twin_q: bool, gpu: bool = False, **training):
     import gymnasium as gym
     import numpy as np
     import ray
@@ -60,7 +65,7 @@ def _build(batch: int, n: int, hidden: int, obs_dim: int, twin_q: bool, **traini
         .environment(observation_space=obs_space, action_space=act_space)
         .training(num_action_samples=n, train_batch_size_per_learner=batch, episode_len=1000, twin_q=twin_q,
                   **training)
-        .learners(num_learners=0)
+        .learners(num_learners=0, num_gpus_per_learner=1 if gpu else 0)
         .rl_module(model_config={"fcnet_hiddens": [hidden, hidden]})
     )
     group = config.build_learner_group(env=None, spaces={DEFAULT_MODULE_ID: (obs_space, act_space)})
@@ -104,14 +109,17 @@ def _capture_matmuls(fn):
 
 
 def measure(batch: int, n: int, hidden: int, obs_dim: int, threads: int, calls: int, twin_q: bool,
-            profile: bool, training: dict | None = None) -> dict:
+            profile: bool, training: dict | None = None, gpu: bool = False) -> dict:
     import torch
     from ray.rllib.core import DEFAULT_MODULE_ID
     from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 
-    group, replay = _build(batch, n, hidden, obs_dim, twin_q, **(training or {}))
+    group, replay = _build(batch, n, hidden, obs_dim, twin_q, gpu, **(training or {}))
     torch.set_num_threads(threads)  # after the build: the learner sets its own (learner_num_threads) when built
     learner = group._learner
+    device = getattr(learner, "_device", torch.device("cpu"))
+    # A GPU runs the queued kernels after the host returns: each timed stretch ends when they have finished.
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     phases: dict = {}
     # Each update's metrics pass through one method (an older checkout: MetricsLogger.log_dict); the phase timers
     # are summed from there.
@@ -139,9 +147,11 @@ def measure(batch: int, n: int, hidden: int, obs_dim: int, threads: int, calls: 
 
     training_call()  # warm-up: allocations, first optimizer steps
     phases.clear()
+    sync()
     t0 = time.perf_counter()
     for _ in range(calls):
         training_call()
+    sync()
     training_s = time.perf_counter() - t0
     updates = calls * UPDATES_PER_CALL
     split = {k: 1e3 * v / updates for k, v in phases.items()}
@@ -161,6 +171,16 @@ def measure(batch: int, n: int, hidden: int, obs_dim: int, threads: int, calls: 
 
     for _ in range(5):
         one_update()
+    host_syncs = None
+    if device.type == "cuda":  # the update's host synchronisations, counted by torch's sync debug mode
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            one_update()
+            torch.cuda.set_sync_debug_mode("default")
+        host_syncs = sorted({str(w.message).splitlines()[0][:120] for w in caught}), len(caught)
     # The update alone and its matmuls alone, alternating in rounds; each figure is its best round, so a stretch in
     # which the machine runs slowly does not land on one side of the ratio only.
     rounds = 5
@@ -169,14 +189,17 @@ def measure(batch: int, n: int, hidden: int, obs_dim: int, threads: int, calls: 
     with torch.no_grad():
         matmuls()
     for _ in range(rounds):
+        sync()
         t0 = time.perf_counter()
         for _ in range(per_round):
             one_update()
+        sync()
         update_s = min(update_s, (time.perf_counter() - t0) / per_round)
         with torch.no_grad():
             t0 = time.perf_counter()
             for _ in range(per_round):
                 matmuls()
+            sync()
             matmul_s = min(matmul_s, (time.perf_counter() - t0) / per_round)
     flops = 0
     for func, args, _ in ops:
@@ -200,6 +223,8 @@ def measure(batch: int, n: int, hidden: int, obs_dim: int, threads: int, calls: 
         "matmul_gflops": flops / matmul_s / 1e9,
         "phases_ms": split,
         "profile": report,
+        "device": str(device),
+        "host_syncs": host_syncs,
     }
 
 
@@ -209,7 +234,8 @@ def _child(args) -> None:
         sys.path.insert(0, source)
     batch, n, hidden, obs_dim = SETTINGS[args.child_setting]
     training = {} if source or not args.estep_first_critic else {"estep_twin_min": False}
-    result = measure(batch, n, hidden, obs_dim, args.threads, args.calls, not args.single_q, args.profile, training)
+    result = measure(batch, n, hidden, obs_dim, args.threads, args.calls, not args.single_q, args.profile, training,
+                     gpu=args.device == "cuda")
     import rllib_cvpo
 
     result["package"] = str(Path(rllib_cvpo.__file__).parent)
@@ -227,6 +253,8 @@ def _run_child(setting: str, source: str | None, args) -> dict:
         cmd.append("--estep-first-critic")
     if args.profile:
         cmd.append("--profile")
+    if args.device != "cpu":
+        cmd += ["--device", args.device]
     env = dict(os.environ)
     if source:  # the other checkout's package first on the path, in the child only
         env["PYTHONPATH"] = source + os.pathsep + env.get("PYTHONPATH", "")
@@ -251,12 +279,18 @@ def main() -> None:
                         help="this checkout only: the E-step evaluates the first twin reward critic alone "
                              "(estep_twin_min=False)")
     parser.add_argument("--profile", action="store_true", help="print torch's op profile of one training call")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="the learner's device (cuda: num_gpus_per_learner=1, the local learner on GPU 0)")
     parser.add_argument("--child-setting", help=argparse.SUPPRESS)
     parser.add_argument("--child-source", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_setting:
         _child(args)
         return
+    if args.device == "cuda":
+        import torch
+
+        print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     print(f"CVPO learner on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{args.threads}, twin_q={not args.single_q}, {UPDATES_PER_CALL} updates per training call"
           + (", this checkout with estep_twin_min=False" if args.estep_first_critic else ""))
@@ -274,7 +308,10 @@ def main() -> None:
                       f"{1e3 / r['update_ms']:6.1f}/s ({r['update_ms']:.2f} ms) | matmuls alone {r['matmul_ms']:.2f} "
                       f"ms ({r['matmul_ops']} ops, {r['matmul_gflops']:.0f} GFLOP/s) | update/matmuls "
                       f"{r['update_ms'] / r['matmul_ms']:.2f}")
-                print(f"         phases (ms per update): {phases}")
+                print(f"         phases (ms per update): {phases} | on {r['device']}")
+                if r.get("host_syncs"):
+                    kinds, count = r["host_syncs"]
+                    print(f"         host synchronisations in one update: {count}: {kinds}")
                 if r.get("profile"):
                     print(r["profile"])
         best = {label: {"training_updates_per_s": max(r["training_updates_per_s"] for r in rs),

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/pipeline.py                         # SafetyPointCircle1-v0, both loops
     .venv/bin/python benchmarks/pipeline.py --iterations 6 --no-evaluation
+    python benchmarks/pipeline.py --env-runners 14 --gpu --loops overlapped   # many EnvRunners, a GPU learner
 
 Three rates in env steps per second, measured one after the other in this process on the same configuration
 (``rllib-cvpo train``'s: one remote EnvRunner with 8 envs, the learner in the driver, 0.25 updates per env step):
@@ -25,13 +26,15 @@ import platform
 import time
 
 
-def build(overlap: bool, evaluation: bool, env: str):
+def build(overlap: bool, evaluation: bool, env: str, env_runners: int = 1, gpu: bool = False):
     from rllib_cvpo.training import build_config
 
     overrides = {"overlap_sampling": overlap}
     if not evaluation:
         overrides["evaluation_interval"] = None
-    return build_config(env=env, overrides=overrides).build_algo()
+    if gpu:
+        overrides["num_gpus_per_learner"] = 1
+    return build_config(env=env, env_runners=env_runners, overrides=overrides).build_algo()
 
 
 def sampling_rate(algo, seconds: float) -> float:
@@ -70,27 +73,34 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="per stage measured alone")
     parser.add_argument("--iterations", type=int, default=4, help="training iterations timed per loop")
     parser.add_argument("--no-evaluation", action="store_true")
+    parser.add_argument("--env-runners", type=int, default=1, help="remote EnvRunners (default 1, the command's)")
+    parser.add_argument("--gpu", action="store_true", help="the learner on GPU 0 (num_gpus_per_learner=1)")
+    parser.add_argument("--loops", nargs="+", choices=["overlapped", "synchronous"],
+                        default=["overlapped", "synchronous"])
     args = parser.parse_args()
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    print(f"{args.env}, the command's defaults, {platform.machine()} with {os.cpu_count()} CPUs"
+    cpus = 2 if args.env_runners <= 1 else os.cpu_count()
+    ray.init(num_cpus=cpus, num_gpus=1 if args.gpu else 0, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    print(f"{args.env}, the command's defaults, {platform.machine()} with {os.cpu_count()} CPUs (Ray: {cpus}), "
+          f"{args.env_runners} EnvRunner(s), learner on {'GPU' if args.gpu else 'CPU'}"
           f"{', no evaluation' if args.no_evaluation else ', 10 evaluation episodes per iteration'}")
     import torch
 
     rates, threads = {}, {}
-    for overlap in (True, False):
+    for overlap in (loop == "overlapped" for loop in args.loops):
         loop = "overlapped" if overlap else "synchronous"
-        algo = build(overlap, not args.no_evaluation, args.env)
+        algo = build(overlap, not args.no_evaluation, args.env, args.env_runners, args.gpu)
         try:
             threads[loop] = torch.get_num_threads()  # the learner's (learner_num_threads, automatic here)
             rates[f"full loop, {loop}"] = training_rate(algo, args.iterations)
-            if overlap:
+            if "sampling only" not in rates:
                 rates["sampling only"] = sampling_rate(algo, args.seconds)
             rates[f"learner only, {loop}"] = learner_rate(algo, args.seconds)
         finally:
             algo.stop()
-    for loop in ("overlapped", "synchronous"):
+    for loop in args.loops:
         slowest = min(rates["sampling only"], rates[f"learner only, {loop}"])
         print(f"  {loop} loop, learner on {threads[loop]} torch thread(s):")
         print(f"    learner only  {rates[f'learner only, {loop}']:8.1f} env steps/s")

@@ -200,13 +200,24 @@ class CVPOTorchLearner(TorchLearner):
             return x
         return self._allreduce_sum(torch.from_numpy(x).to(self._device)).cpu().numpy()
 
-    def _global_means(self, *xs: torch.Tensor) -> list[float]:
-        """The mean of each tensor over every learner's shard, in one all-reduce of (sums..., count)."""
+    def _global_means(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        """The mean of each tensor over every learner's shard, in one all-reduce of (sums..., count): float64
+        scalars on the learner's device (read on the host only when the iteration's metrics are reduced)."""
         if self._world == 1:
-            return [float(x.mean()) for x in xs]
+            return [x.mean().double() for x in xs]
         count = torch.full((1,), float(xs[0].numel()), dtype=torch.float64, device=xs[0].device)
         s = self._allreduce_sum(torch.cat([torch.stack([x.sum().double() for x in xs]), count]))
-        return (s[:-1] / s[-1]).tolist()
+        return list((s[:-1] / s[-1]).unbind())
+
+    @staticmethod
+    def _dual_ascent(state: Dict[str, Any], key: str, kl: torch.Tensor, step: float, bound: float,
+                     cap: float) -> torch.Tensor:
+        """One projected dual-ascent step of an M-step KL multiplier, alpha <- clip(alpha + step (KL - bound), 0,
+        cap), computed on the learner's device: reading KL on the host would synchronise with the GPU on every
+        M-step iteration. alpha is a float64 scalar tensor (a float after a restore or a round's reset)."""
+        alpha = (state[key] + step * (kl - bound)).clamp(0.0, cap)
+        state[key] = alpha
+        return alpha
 
     def _step(self, module_id: str, name: str, loss: torch.Tensor, grad_clip: float | None = None) -> None:
         optim = self.get_optimizer(module_id, name)
@@ -333,11 +344,10 @@ class CVPOTorchLearner(TorchLearner):
             loss_mle, kl_mu, kl_sigma = mstep_terms(moments, mean, std)
             c_mu, c_sigma = kl_mu.mean(), kl_sigma.mean()
             g_mu, g_sigma = self._global_means(kl_mu.detach(), kl_sigma.detach())
-            state["alpha_mu"] = float(np.clip(state["alpha_mu"] + cfg.alpha_mean_step * (g_mu - cfg.kl_mean), 0.0,
-                                              cfg.alpha_mean_max))
-            state["alpha_sigma"] = float(np.clip(
-                state["alpha_sigma"] + cfg.alpha_std_step * (g_sigma - cfg.kl_std), 0.0, cfg.alpha_std_max))
-            loss_pi = loss_mle + state["alpha_mu"] * c_mu + state["alpha_sigma"] * c_sigma
+            a_mu = self._dual_ascent(state, "alpha_mu", g_mu, cfg.alpha_mean_step, cfg.kl_mean, cfg.alpha_mean_max)
+            a_sigma = self._dual_ascent(state, "alpha_sigma", g_sigma, cfg.alpha_std_step, cfg.kl_std,
+                                        cfg.alpha_std_max)
+            loss_pi = loss_mle + a_mu.to(c_mu.dtype) * c_mu + a_sigma.to(c_sigma.dtype) * c_sigma
             self._step(mid, "policy", loss_pi, cfg.actor_grad_clip)
         t3 = clock()
 
@@ -400,7 +410,8 @@ class CVPOTorchLearner(TorchLearner):
     def get_state(self, components=None, *, not_components=None, **kwargs) -> Dict[str, Any]:
         state = super().get_state(components, not_components=not_components, **kwargs)
         state[CVPO_STATE] = {
-            mid: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+            mid: {k: (v.copy() if isinstance(v, np.ndarray) else float(v) if isinstance(v, torch.Tensor) else v)
+                  for k, v in s.items()}
             for mid, s in self._cvpo.items()
         }
         state[CVPO_STATE]["__env_steps__"] = self._env_steps
