@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/pipeline.py                         # SafetyPointCircle1-v0, both loops
     .venv/bin/python benchmarks/pipeline.py --iterations 6 --no-evaluation
     python benchmarks/pipeline.py --env-runners 14 --gpu --loops overlapped   # many EnvRunners, a GPU learner
+    python benchmarks/pipeline.py --env-runners 6 --gpu --set train_batch_size_per_learner=4096 updates_per_env_step=0.015
 
 Three rates in env steps per second, measured one after the other in this process on the same configuration
 (``rllib-cvpo train``'s: one remote EnvRunner with 8 envs, the learner in the driver, 0.25 updates per env step):
@@ -26,10 +27,11 @@ import platform
 import time
 
 
-def build(overlap: bool, evaluation: bool, env: str, env_runners: int = 1, gpu: bool = False):
+def build(overlap: bool, evaluation: bool, env: str, env_runners: int = 1, gpu: bool = False,
+          settings: dict | None = None):
     from rllib_cvpo.training import build_config
 
-    overrides = {"overlap_sampling": overlap}
+    overrides = {**(settings or {}), "overlap_sampling": overlap}
     if not evaluation:
         overrides["evaluation_interval"] = None
     if gpu:
@@ -77,7 +79,18 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="the learner on GPU 0 (num_gpus_per_learner=1)")
     parser.add_argument("--loops", nargs="+", choices=["overlapped", "synchronous"],
                         default=["overlapped", "synchronous"])
+    parser.add_argument("--set", nargs="+", default=[], metavar="SETTING=VALUE",
+                        help="CVPOConfig settings over the command's defaults, e.g. train_batch_size_per_learner=4096 "
+                             "updates_per_env_step=0.015")
     args = parser.parse_args()
+    import yaml
+
+    settings = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes SETTING=VALUE, got {item!r}")
+        settings[key] = yaml.safe_load(value)
     import ray
 
     cpus = 2 if args.env_runners <= 1 else os.cpu_count()
@@ -85,19 +98,24 @@ def main() -> None:
              configure_logging=False)
     print(f"{args.env}, the command's defaults, {platform.machine()} with {os.cpu_count()} CPUs (Ray: {cpus}), "
           f"{args.env_runners} EnvRunner(s), learner on {'GPU' if args.gpu else 'CPU'}"
-          f"{', no evaluation' if args.no_evaluation else ', 10 evaluation episodes per iteration'}")
+          f"{', no evaluation' if args.no_evaluation else ', 10 evaluation episodes per iteration'}"
+          + (f", {settings}" if settings else ""), flush=True)
     import torch
 
     rates, threads = {}, {}
     for overlap in (loop == "overlapped" for loop in args.loops):
         loop = "overlapped" if overlap else "synchronous"
-        algo = build(overlap, not args.no_evaluation, args.env, args.env_runners, args.gpu)
+        algo = build(overlap, not args.no_evaluation, args.env, args.env_runners, args.gpu, settings)
         try:
             threads[loop] = torch.get_num_threads()  # the learner's (learner_num_threads, automatic here)
+            # Each rate is printed as soon as it is measured, so a run cut short still reports what it finished.
             rates[f"full loop, {loop}"] = training_rate(algo, args.iterations)
+            print(f"  measured: full loop, {loop}: {rates[f'full loop, {loop}']:.1f} env steps/s", flush=True)
             if "sampling only" not in rates:
                 rates["sampling only"] = sampling_rate(algo, args.seconds)
+                print(f"  measured: sampling only: {rates['sampling only']:.1f} env steps/s", flush=True)
             rates[f"learner only, {loop}"] = learner_rate(algo, args.seconds)
+            print(f"  measured: learner only, {loop}: {rates[f'learner only, {loop}']:.1f} env steps/s", flush=True)
         finally:
             algo.stop()
     for loop in args.loops:
