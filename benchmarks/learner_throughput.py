@@ -1,4 +1,4 @@
-"""CVPO learner updates per second on this CPU, against the time the update's own dense matmuls take alone.
+"""CVPO learner updates per second (CPU, or a GPU with --device cuda) against the time of its own dense matmuls.
 
     .venv/bin/python benchmarks/learner_throughput.py                       # FSRL's Circle settings, 256x256, N 32
     .venv/bin/python benchmarks/learner_throughput.py --before ../old-tree  # and an older checkout, side by side
