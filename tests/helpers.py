@@ -186,3 +186,14 @@ def run_without_ray(script: str) -> dict:
     ran = subprocess.run([sys.executable, "-c", guard + script], capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr[-2000:]
     return json.loads(ran.stdout.strip().splitlines()[-1])
+
+
+def same_draws_per_state(x):
+    """In place of a learner's N(0, 1) draws (``CVPOTorchLearner._standard_normal_like``): a function of the row's
+    own values (the policy's mean of that state) and, for the E-step's [N, B, a] draws, of the sample index, so a
+    state gets the same draws on whichever learner, at whichever row, on whichever device it is updated."""
+    import torch
+
+    k = torch.arange(1, x.shape[0] + 1, dtype=x.dtype, device=x.device).view(-1, *[1] * (x.dim() - 1)) \
+        if x.dim() == 3 else 1.0
+    return torch.sin(5.0 * x + 1.3 * k)

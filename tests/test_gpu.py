@@ -15,18 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import small_config
+from helpers import same_draws_per_state, small_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _same_draws_per_state(x):
-    """The update's N(0, 1) draws replaced by a function of the row's own values (and, for the E-step's [N, B, a]
-    draws, of the sample index), computed on x's device: the same draws on the CPU and on the GPU."""
-    if x.dim() == 3:
-        k = torch.arange(1, x.shape[0] + 1, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return torch.sin(5.0 * x + 1.3 * k)
-    return torch.sin(5.0 * x + 1.0)
 
 
 def _snapshot(learner):
@@ -44,7 +35,7 @@ def _update(learner, columns, size):
     from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
     from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
-    learner._standard_normal_like = _same_draws_per_state
+    learner._standard_normal_like = same_draws_per_state
     learner.update(batch=MultiAgentBatch({"default_policy": SampleBatch(dict(columns))}, env_steps=size),
                    minibatch_size=size, timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: 10_000})
     return _snapshot(learner)

@@ -9,10 +9,12 @@ import torch
 from ray import cloudpickle
 
 from rllib_cvpo.cvpo import estep
-from helpers import small_config
+import helpers
+from helpers import same_draws_per_state, small_config
 
 # The learner actors cannot import this test module: ship _snapshot by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+cloudpickle.register_pickle_by_value(helpers)
 
 
 def _learner_snapshot(learner):
@@ -120,20 +122,12 @@ def test_two_learners_keep_identical_weights_and_solve_the_global_dual(ray_local
 
 
 # -- the replay in the learners ------------------------------------------------------------------------------------
-def _same_draws_per_state(x):
-    """In place of the update's N(0, 1) draws: a function of the row's own values (the policy's mean of that state)
-    and, for the E-step's [N, B, a] draws, of the sample index, so a state gets the same draws on whichever learner,
-    at whichever row, it is updated."""
-    k = torch.arange(1, x.shape[0] + 1, dtype=x.dtype).view(-1, *[1] * (x.dim() - 1)) if x.dim() == 3 else 1.0
-    return torch.sin(5.0 * x + 1.3 * k)
-
-
 def _update_on(learner, batches, minibatch_size):
     """One update of this learner on its own batch (batches[rank]), with the per-state draws."""
     from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
     from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
-    learner._standard_normal_like = _same_draws_per_state
+    learner._standard_normal_like = same_draws_per_state
     columns = batches[learner._rank]
     learner.update(batch=MultiAgentBatch({"default_policy": SampleBatch(dict(columns))}, env_steps=minibatch_size),
                    minibatch_size=minibatch_size, timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: 10_000})
@@ -143,7 +137,7 @@ def _update_on(learner, batches, minibatch_size):
 def _updates_from_replay(learner, num_updates):
     from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
-    learner._standard_normal_like = _same_draws_per_state
+    learner._standard_normal_like = same_draws_per_state
     learner.update_from_replay(num_updates, {NUM_ENV_STEPS_SAMPLED_LIFETIME: 10_000})
     return _learner_snapshot(learner)
 
