@@ -102,6 +102,37 @@ def test_warm_start_converges_in_few_iterations_to_the_same_point():
     _close([warm.eta, *warm.lam], [cold.eta, *cold.lam], rel=1e-8)
 
 
+def _hard_batch(seed):
+    """A batch of the kind that stopped the Newton solver far from the optimum (found by a random search, seeds
+    below): the Q_r spread per state ranges from 1e-3 to 10, the Q_c spread from 1e-2 to 10, Q_c sometimes
+    correlated with Q_r, thresholds near the mean Q_c, and warm starts anywhere in the box. From such a start the
+    first Newton step pointed eta below 0; clipped to eta_min, every state's weight sat on one sample, the computed
+    Hessian was rounding noise (indefinite) and the solver stopped there (KL log N instead of eps)."""
+    rng = np.random.default_rng(seed)
+    m = 1 if seed % 3 else 2
+    b, n = int(rng.choice([8, 32, 128])), int(rng.choice([4, 16, 64]))
+    sr, sc = 10 ** rng.uniform(-3, 1), 10 ** rng.uniform(-2, 1)
+    qr = rng.normal(0, 1, (b, 1)) * 10 ** rng.uniform(-1, 1) + sr * rng.normal(size=(b, n))
+    c0 = rng.uniform(0, 10)
+    qc = c0 + rng.normal(0, 0.5, (b, 1, m)) + sc * rng.normal(size=(b, n, m))
+    if rng.random() < 0.5:
+        qc = qc + rng.uniform(0, 2) * (qr[..., None] - qr.mean(1, keepdims=True)[..., None])
+    thresholds = list(c0 + rng.uniform(-1, 1, m))
+    eps = float(rng.choice([0.01, 0.02, 0.1]))
+    eta0, lam0 = 10 ** rng.uniform(-3, 1), rng.choice([0.0, 40.0, rng.uniform(0, 40)], m)
+    return DualProblem(qr, qc, eps, thresholds), eta0, lam0
+
+
+@pytest.mark.parametrize("seed", [542, 1075, 1076, 1083, 1151])
+def test_newton_reaches_the_optimum_from_warm_starts_that_once_stranded_it(seed):
+    problem, eta0, lam0 = _hard_batch(seed)
+    bounds = dict(eta_min=1e-6, eta_max=1e4, lam_max=40.0)
+    newton, ref = solve_dual_newton(problem, eta0, lam0, **bounds), solve_dual_cvxpy(problem, **bounds)
+    assert newton.value <= ref.value + 1e-7 * (abs(ref.value) + 1)
+    _close([newton.eta, *newton.lam], [ref.eta, *ref.lam], rel=1e-3, abs_zero=1e-3)
+    assert not newton.eta_at_bound and newton.kl == pytest.approx(problem.eps_kl, rel=1e-6)
+
+
 @pytest.mark.parametrize("m", [1, 2])
 def test_dual_gradient_and_hessian_match_finite_differences(m):
     qr, qc = _batch(11, m=m)

@@ -204,6 +204,31 @@ def _solution(problem: DualProblem, theta: np.ndarray, iters: int, bounds, evalu
     )
 
 
+def _newton_direction(h: np.ndarray, g: np.ndarray, ridge: np.ndarray) -> np.ndarray:
+    """The Newton direction -H^-1 g on the free variables, H with its ridge. H is positive semi-definite in exact
+    arithmetic, but where the weights are nearly one-hot its entries are rounding noise and the computed matrix may be
+    indefinite, so that -H^-1 g is not a descent direction; then each variable takes its own Newton step on its
+    diagonal curvature (a descent direction whenever the gradient is not 0)."""
+    k = h.shape[0]
+    diag = np.diag(h) + ridge
+    if k == 1:
+        if diag[0] > 0:
+            return -g / diag
+    elif k == 2:  # closed form: np.linalg.solve's overhead exceeds the arithmetic here
+        a, bb, d = diag[0], h[0, 1], diag[1]
+        det = a * d - bb * bb
+        if a > 0 and det > 0:
+            return -np.array([d * g[0] - bb * g[1], a * g[1] - bb * g[0]]) / det
+    else:
+        try:
+            factor = np.linalg.cholesky(h + np.diag(ridge))
+        except np.linalg.LinAlgError:
+            pass
+        else:
+            return -np.linalg.solve(factor.T, np.linalg.solve(factor, g))
+    return -g / np.maximum(diag, ridge)
+
+
 def solve_dual_newton(
     problem: DualProblem,
     eta0: float,
@@ -256,17 +281,17 @@ def solve_dual_newton(
         # A ridge per variable, relative to its own curvature: eta's curvature is of order 1 / S, lambda's of order
         # S (S the data's scale), and either may vanish (at a tiny eta every state's weight sits on one sample).
         ridge = 1e-12 * np.maximum(np.abs(np.diag(hf)), curvature_unit[free])
-        if hf.shape[0] == 1:
-            step[free] = -gf / (hf[0, 0] + ridge[0])
-        elif hf.shape[0] == 2:  # closed form: np.linalg.solve's overhead exceeds the arithmetic here
-            a, bb, d = hf[0, 0] + ridge[0], hf[0, 1], hf[1, 1] + ridge[1]
-            det = a * d - bb * bb
-            step[free] = -np.array([d * gf[0] - bb * gf[1], a * gf[1] - bb * gf[0]]) / det
-        else:
-            step[free] = -np.linalg.solve(hf + np.diag(ridge), gf)
+        step[free] = _newton_direction(hf, gf, ridge)
         decrement = float(-(grad[free] @ step[free]))
         if decrement <= tol * (scale + abs(value)):
             break
+        # eta's curvature grows like 1/eta^3: a Newton step computed at a moderate eta may point far below 0, and
+        # clipped to eta_min it lands where every state's weight sits on one sample. There the computed Hessian is
+        # rounding noise (possibly indefinite) and the solver used to stop, at a point far from the optimum. So a
+        # step may shrink eta by at most 10x (the fraction-to-the-boundary rule of interior-point methods): an
+        # optimum at eta_min is still reached, geometrically.
+        if free[0] and step[0] < -0.9 * theta[0]:
+            step *= 0.9 * theta[0] / -step[0]
         full = theta + step
         if decrement <= model_tol * (scale + abs(value)) and np.all((full >= lo) & (full <= hi)):
             # Close to the optimum Newton's error squares at each step, so the remaining gap after this step is
