@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/pipeline.py                         # SafetyPointCircle1-v0, both loops
     .venv/bin/python benchmarks/pipeline.py --iterations 6 --no-evaluation
+    .venv/bin/python benchmarks/pipeline.py --no-evaluation --loops overlapped --rounds 5 --iterations 2 --seconds 15
     python benchmarks/pipeline.py --env-runners 14 --gpu --loops overlapped   # many EnvRunners, a GPU learner
     python benchmarks/pipeline.py --env-runners 6 --gpu --set train_batch_size_per_learner=4096 updates_per_env_step=0.015
 
@@ -25,6 +26,8 @@ import argparse
 import os
 import platform
 import time
+
+import numpy as np
 
 
 def build(overlap: bool, evaluation: bool, env: str, env_runners: int = 1, gpu: bool = False,
@@ -58,14 +61,21 @@ def learner_rate(algo, seconds: float) -> float:
     return updates / (time.perf_counter() - t0) / cfg.updates_per_env_step
 
 
+def _steps(result) -> float:
+    return result["env_runners"]["num_env_steps_sampled_lifetime"]
+
+
+def warm_up(algo) -> None:
+    """Train past the random warm-up, with the learner running."""
+    while _steps(algo.train()) < algo.config.num_steps_sampled_before_learning_starts + 5000:
+        pass
+
+
 def training_rate(algo, iterations: int) -> float:
-    steps = lambda r: r["env_runners"]["num_env_steps_sampled_lifetime"]  # noqa: E731
-    while steps(algo.train()) < algo.config.num_steps_sampled_before_learning_starts + 5000:
-        pass  # past the warm-up, with the learner running
-    start = steps(algo.train())
+    start = _steps(algo.train())
     t0 = time.perf_counter()
     for _ in range(iterations):
-        end = steps(algo.train())
+        end = _steps(algo.train())
     return (end - start) / (time.perf_counter() - t0)
 
 
@@ -79,6 +89,10 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="the learner on GPU 0 (num_gpus_per_learner=1)")
     parser.add_argument("--loops", nargs="+", choices=["overlapped", "synchronous"],
                         default=["overlapped", "synchronous"])
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate the full loop and the learner alone this many times per loop and report the "
+                             "median of the rounds' ratios: the machine's speed drifts from minute to minute, and a "
+                             "ratio of two rates measured back to back cancels most of it")
     parser.add_argument("--set", nargs="+", default=[], metavar="SETTING=VALUE",
                         help="CVPOConfig settings over the command's defaults, e.g. train_batch_size_per_learner=4096 "
                              "updates_per_env_step=0.015")
@@ -108,22 +122,26 @@ def main() -> None:
         algo = build(overlap, not args.no_evaluation, args.env, args.env_runners, args.gpu, settings)
         try:
             threads[loop] = torch.get_num_threads()  # the learner's (learner_num_threads, automatic here)
+            warm_up(algo)
             # Each rate is printed as soon as it is measured, so a run cut short still reports what it finished.
-            rates[f"full loop, {loop}"] = training_rate(algo, args.iterations)
-            print(f"  measured: full loop, {loop}: {rates[f'full loop, {loop}']:.1f} env steps/s", flush=True)
-            if "sampling only" not in rates:
-                rates["sampling only"] = sampling_rate(algo, args.seconds)
-                print(f"  measured: sampling only: {rates['sampling only']:.1f} env steps/s", flush=True)
-            rates[f"learner only, {loop}"] = learner_rate(algo, args.seconds)
-            print(f"  measured: learner only, {loop}: {rates[f'learner only, {loop}']:.1f} env steps/s", flush=True)
+            for r in range(args.rounds):
+                full = training_rate(algo, args.iterations)
+                print(f"  measured: full loop, {loop}, round {r + 1}: {full:.1f} env steps/s", flush=True)
+                if "sampling only" not in rates:
+                    rates["sampling only"] = sampling_rate(algo, args.seconds)
+                    print(f"  measured: sampling only: {rates['sampling only']:.1f} env steps/s", flush=True)
+                alone = learner_rate(algo, args.seconds)
+                print(f"  measured: learner only, {loop}, round {r + 1}: {alone:.1f} env steps/s", flush=True)
+                rates.setdefault(loop, []).append((full, alone))
         finally:
             algo.stop()
     for loop in args.loops:
-        slowest = min(rates["sampling only"], rates[f"learner only, {loop}"])
-        print(f"  {loop} loop, learner on {threads[loop]} torch thread(s):")
-        print(f"    learner only  {rates[f'learner only, {loop}']:8.1f} env steps/s")
-        print(f"    full loop     {rates[f'full loop, {loop}']:8.1f} env steps/s  "
-              f"({rates[f'full loop, {loop}'] / slowest:.0%} of the slower stage)")
+        rounds = np.array(rates[loop])
+        ratios = rounds[:, 0] / np.minimum(rates["sampling only"], rounds[:, 1])
+        print(f"  {loop} loop, learner on {threads[loop]} torch thread(s), {len(rounds)} round(s):")
+        print(f"    learner only  {' '.join(f'{x:8.1f}' for x in rounds[:, 1])} env steps/s")
+        print(f"    full loop     {' '.join(f'{x:8.1f}' for x in rounds[:, 0])} env steps/s")
+        print(f"    full / slower stage  {' '.join(f'{x:8.0%}' for x in ratios)}  (median {np.median(ratios):.0%})")
     print(f"  sampling only   {rates['sampling only']:8.1f} env steps/s")
 
 if __name__ == "__main__":
