@@ -7,7 +7,9 @@ training-episode return and cost and of the deterministic evaluation return and 
 were within the limit, the mean of the last 3 evaluations (30 episodes with 10 per evaluation), and, from the trial's latest checkpoint, how the cost critic compares with the costs in its
 replay buffer: the mean Q_c(s, a) over the replayed pairs against mean(cost) / (1 - gamma), the discounted cost-to-go
 those pairs would have if the replayed state distribution were stationary (episodes here are 5-10x longer than
-1 / (1 - gamma), so the truncation correction is small).
+1 / (1 - gamma), so the truncation correction is small). The last column describes how the training episodes' cost
+moves from one iteration to the next over the second half: its standard deviation across iterations and its lag-1
+autocorrelation (near -0.5 or below: the cost alternates high and low, a feedback loop cycling with period two).
 """
 
 from __future__ import annotations
@@ -41,14 +43,24 @@ def critic_calibration(trial: Path) -> tuple[float, float] | None:
     return float(q.mean()), float(data["costs"][:, 0].mean() / (1.0 - gamma))
 
 
+def iteration_swing(costs) -> str:
+    """'sd / lag-1 autocorrelation' of the per-iteration training cost (iterations without an episode skipped)."""
+    c = np.asarray(costs, np.float64)
+    c = c[np.isfinite(c)]
+    if len(c) < 3 or c.std() == 0:
+        return "-"
+    return f"{c.std():.1f} / {np.corrcoef(c[:-1], c[1:])[0, 1]:+.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--no-critic", action="store_true", help="skip the cost-critic calibration column")
     args = parser.parse_args()
     print("| run | trial | env steps | training return | training cost | eval return | eval cost | "
-          "evaluations within the limit | last 3 evaluations: return / cost | critic Q_c / replay cost-to-go |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "evaluations within the limit | last 3 evaluations: return / cost | critic Q_c / replay cost-to-go | "
+          "training cost per iteration: sd / lag-1 autocorrelation |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         for trial in trial_dirs(run):
             df = read_results(trial)
@@ -68,7 +80,8 @@ def main() -> None:
             print(f"| {Path(run).name} | {name} | {final:,.0f} | {half['episode_return'].mean():.1f} | "
                   f"{half['episode_cost'].mean():.1f} | {half['eval_return'].mean():.1f} | "
                   f"{half['eval_cost'].mean():.1f} | {within} | {last3['eval_return'].mean():.1f} / "
-                  f"{last3['eval_cost'].mean():.1f} | {calib_text} |")
+                  f"{last3['eval_cost'].mean():.1f} | {calib_text} | "
+                  f"{iteration_swing(half['episode_cost'])} |")
 
 
 if __name__ == "__main__":
