@@ -66,3 +66,50 @@ def test_the_learners_fused_mstep_terms_equal_the_reference_in_value_and_gradien
     for a, b_ in zip(grads, expected):
         torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-9)
     assert grads[1][1, 1] == 0.0  # below the floor
+
+
+def test_the_weighted_mean_std_fit_equals_its_reference_and_fits_the_weighted_variance_alone():
+    """mstep_std_fit="weighted_mean": the fused terms equal the reference in value and gradient, and the covariance
+    term's optimum is the samples' weighted variance about their weighted mean, where "old_mean" (MPO's decoupled
+    fit) adds the square of that mean's shift from pi_old's: weights that favour samples on one side of mu_old
+    widen the policy under the decoupled fit and not under this one."""
+    g = torch.Generator().manual_seed(6)
+    b, n, d = 8, 16, 2
+    mu_o, s_o, mu, s = (x.double() for x in _gaussians(7, b=b, d=d))
+    u = mu_o + s_o * torch.randn(n, b, d, generator=g, dtype=torch.float64)
+    w = torch.softmax(3.0 * (u[..., 0] - mu_o[:, 0]).t() / s_o[:, :1], dim=1)  # favour large first components
+    mu.requires_grad_(True)
+    s.requires_grad_(True)
+    reference = (weighted_mle_loss(u, w, mu_o, s_o, mu, s, std_fit="weighted_mean"), *kl_mean_and_std(mu_o, s_o, mu, s))
+    fused = mstep_terms(WeightedMoments(u, w, mu_o, s_o, std_fit="weighted_mean"), mu, s)
+    for a, b_ in zip(fused, reference):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-9)
+    for a, b_ in zip(torch.autograd.grad(sum(x.sum() for x in fused), [mu, s]),
+                     torch.autograd.grad(sum(x.sum() for x in reference), [mu, s])):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-9)
+
+    wt = w.t().unsqueeze(-1)
+    centre = (wt * u).sum(0)
+    variance = (wt * (u - centre) ** 2).sum(0)
+    about_old = (wt * (u - mu_o) ** 2).sum(0)
+    torch.testing.assert_close(about_old, variance + (centre - mu_o) ** 2)
+    assert bool(((centre - mu_o)[:, 0] > 0).all())  # the weights moved the mean: the decoupled fit is wider
+    for fit, optimum in (("weighted_mean", variance.sqrt()), ("old_mean", about_old.sqrt())):
+        s_opt = optimum.clone().requires_grad_(True)
+        loss, _, _ = mstep_terms(WeightedMoments(u, w, mu_o, s_o, std_fit=fit), mu.detach(), s_opt)
+        (grad,) = torch.autograd.grad(loss, [s_opt])
+        torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-12, rtol=0)
+    assert bool((variance < about_old).all())
+
+
+def test_an_unknown_std_fit_is_refused_with_the_accepted_values():
+    import pytest
+
+    mu_o, s_o, _, _ = _gaussians(8, b=2, d=1)
+    u, w = torch.zeros(4, 2, 1), torch.full((2, 4), 0.25)
+    with pytest.raises(ValueError, match="old_mean.*weighted_mean.*'pooled'"):
+        WeightedMoments(u, w, mu_o, s_o, std_fit="pooled")
+    from rllib_cvpo import CVPOConfig
+
+    with pytest.raises(ValueError, match="mstep_std_fit must be one of 'old_mean', 'weighted_mean', got 'pooled'"):
+        CVPOConfig().environment("SafetyPointCircle1-v0").training(mstep_std_fit="pooled").validate()

@@ -34,6 +34,7 @@ from rllib_cvpo.checkpoints import CheckpointError, complete_checkpoints, incomp
 from rllib_cvpo.cvpo.callbacks import CostMetricsCallback
 from rllib_cvpo.cvpo.estep import qc_threshold
 from rllib_cvpo.cvpo.feedback import SOURCES as FEEDBACK_SOURCES, THRESHOLD_OFFSET, update_offset
+from rllib_cvpo.cvpo.mstep import STD_FITS
 from rllib_cvpo.cvpo.replay import COSTS, CostReplayBuffer, episode_chunks
 
 # CVPO exists on RLlib's new API stack only, so RLlib's one-time "you are running on the new API stack" notice says
@@ -83,6 +84,7 @@ class CVPOConfig(AlgorithmConfig):
         # M-step.
         self.kl_mean = 0.005
         self.kl_std = 0.0005
+        self.mstep_std_fit = "old_mean"
         self.mstep_iterations = 1
         self.alpha_mean_step = 1.0
         self.alpha_std_step = 100.0
@@ -149,6 +151,7 @@ class CVPOConfig(AlgorithmConfig):
         lambda_max=NotProvided,
         kl_mean=NotProvided,
         kl_std=NotProvided,
+        mstep_std_fit=NotProvided,
         mstep_iterations=NotProvided,
         alpha_mean_step=NotProvided,
         alpha_std_step=NotProvided,
@@ -211,6 +214,10 @@ class CVPOConfig(AlgorithmConfig):
                 (``dual_at_bound`` is logged).
             kl_mean, kl_std: eps_mu and eps_Sigma, M-step KL bounds of the mean and covariance (default 0.005 and
                 0.0005, [FSRL]).
+            mstep_std_fit: where the covariance's likelihood term centres the E-step samples: "old_mean" (default,
+                pi_old's mean: MPO's decoupled update, as [ORIG] and [FSRL]; the fitted variance is the samples'
+                weighted variance plus the square of their weighted mean's shift from pi_old's) or "weighted_mean"
+                (their own weighted mean: the weighted variance alone, so a moving mean does not widen the policy).
             mstep_iterations: M, policy gradient steps per batch (default 1, [FSRL]; [ORIG] 6).
             alpha_mean_step, alpha_std_step: step sizes of the projected dual ascent on alpha_mu and alpha_Sigma
                 (default 1 and 100, paper Table 1).
@@ -485,6 +492,8 @@ class CVPOConfig(AlgorithmConfig):
         number("lambda_init", 0.0)
         for name in ("kl_mean", "kl_std"):
             number(name, 0.0, lo_open=True)
+        if self.mstep_std_fit not in STD_FITS:
+            errors.append(f"mstep_std_fit must be one of {', '.join(map(repr, STD_FITS))}, got {self.mstep_std_fit!r}")
         if not isinstance(self.mstep_iterations, int) or self.mstep_iterations < 1:
             errors.append(f"mstep_iterations must be an integer >= 1, got {self.mstep_iterations!r}")
         for name in ("alpha_mean_step", "alpha_std_step", "alpha_mean_max", "alpha_std_max"):

@@ -338,7 +338,7 @@ class CVPOTorchLearner(TorchLearner):
         # M-step: weighted MLE inside decoupled KL trust regions; alpha by projected dual ascent before each step.
         # The likelihood terms are quadratic in the samples: their weighted moments per state stand in for the N
         # samples, and the loss and KL terms are one autograd node (mstep.py).
-        moments = WeightedMoments(u, weights, mean_o, std_o)
+        moments = WeightedMoments(u, weights, mean_o, std_o, cfg.mstep_std_fit)
         for _ in range(cfg.mstep_iterations):
             mean, std = module.policy(pobs)
             loss_mle, kl_mu, kl_sigma = mstep_terms(moments, mean, std)
