@@ -90,16 +90,32 @@ def test_the_weighted_mean_std_fit_equals_its_reference_and_fits_the_weighted_va
 
     wt = w.t().unsqueeze(-1)
     centre = (wt * u).sum(0)
-    variance = (wt * (u - centre) ** 2).sum(0)
+    variance = (wt * (u - centre) ** 2).sum(0) / (1.0 - (wt * wt).sum(0))  # weights sum to 1 per state
     about_old = (wt * (u - mu_o) ** 2).sum(0)
-    torch.testing.assert_close(about_old, variance + (centre - mu_o) ** 2)
+    torch.testing.assert_close(about_old, (wt * (u - centre) ** 2).sum(0) + (centre - mu_o) ** 2)
     assert bool(((centre - mu_o)[:, 0] > 0).all())  # the weights moved the mean: the decoupled fit is wider
     for fit, optimum in (("weighted_mean", variance.sqrt()), ("old_mean", about_old.sqrt())):
         s_opt = optimum.clone().requires_grad_(True)
         loss, _, _ = mstep_terms(WeightedMoments(u, w, mu_o, s_o, std_fit=fit), mu.detach(), s_opt)
         (grad,) = torch.autograd.grad(loss, [s_opt])
         torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-12, rtol=0)
-    assert bool((variance < about_old).all())
+    assert bool((variance[:, 0] < about_old[:, 0]).all())  # on the component the weights favour
+
+
+def test_the_weighted_mean_std_fit_is_unbiased_for_weights_that_ignore_the_samples():
+    """With equal weights (an E-step that prefers no action) the covariance term's optimum is pi_old's variance on
+    average under both fits: about the samples' own mean the spread is corrected by N / (N - 1), without which the
+    policy would narrow by 1/N in every update."""
+    g = torch.Generator().manual_seed(9)
+    b, n = 20000, 16
+    mu_o, s_o = torch.zeros(b, 1, dtype=torch.float64), torch.full((b, 1), 0.7, dtype=torch.float64)
+    u = mu_o + s_o * torch.randn(n, b, 1, generator=g, dtype=torch.float64)
+    w = torch.full((b, n), 1.0 / n, dtype=torch.float64)
+    for fit in ("old_mean", "weighted_mean"):
+        fitted = WeightedMoments(u, w, mu_o, s_o, std_fit=fit).second_std.mean().item()
+        assert abs(fitted / 0.49 - 1.0) < 0.01, (fit, fitted)
+    uncorrected = ((u - u.mean(0)) ** 2).mean(0).mean().item()
+    assert abs(uncorrected / 0.49 - (1.0 - 1.0 / n)) < 0.01
 
 
 def test_an_unknown_std_fit_is_refused_with_the_accepted_values():

@@ -22,8 +22,11 @@ MIN_STD = 1e-3  # variance floor of the KL terms (1e-6 in FSRL), keeps 1/sigma^2
 # Where the covariance's likelihood term centres the samples (``CVPOConfig.mstep_std_fit``): "old_mean", at pi_old's
 # mean (MPO's decoupled update, as the original code and FSRL), whose optimum s^2 = sum_j q (u - mu_old)^2 is the
 # samples' weighted variance plus the square of the shift delta of their weighted mean from mu_old; or
-# "weighted_mean", at the weighted samples' own mean, whose optimum is their weighted variance alone. With pi_old
-# copied once per round, a mean that keeps moving the same way adds delta^2 to the fitted variance in every round.
+# "weighted_mean", at the weighted samples' own mean, whose optimum is their weighted variance alone (with the
+# unbiased weights' correction 1 / (1 - sum_j q_j^2 / (sum_j q_j)^2): about their own mean N samples spread less than
+# the distribution they come from, by 1 - 1/N for equal weights, which would otherwise narrow the policy in every
+# update whatever the critics say). With pi_old copied once per round, a mean that keeps moving the same way adds
+# delta^2 to the decoupled fit's variance in every round.
 STD_FITS = ("old_mean", "weighted_mean")
 
 
@@ -64,16 +67,22 @@ def weighted_mle_loss(
     std = std.clamp_min(MIN_STD)
     if std_fit not in STD_FITS:
         raise ValueError(f"std_fit must be one of {STD_FITS}, got {std_fit!r}")
-    centre = mu_old
+    centre, spread = mu_old, 1.0
     if std_fit == "weighted_mean":
         w = weights.t().unsqueeze(-1)
         centre = ((w * u).sum(0) / w.sum(0)).detach()
+        spread = 1.0 / unbiased_weights_correction(w.sum(0), (w * w).sum(0))
     # log N(u; m, s) = -(u - m)^2 / (2 s^2) - log s - log sqrt(2 pi), summed over the action dimensions, written out
     # (torch.distributions adds argument validation and broadcasting work on every update).
     logp_mean = -(((u - mu) / std_old) ** 2).sum(-1) * 0.5 - std_old.log().sum(-1)  # [N, B]
-    logp_std = -(((u - centre) / std) ** 2).sum(-1) * 0.5 - std.log().sum(-1)
+    logp_std = -((spread * ((u - centre) / std) ** 2).sum(-1)) * 0.5 - std.log().sum(-1)
     const = 2.0 * u.shape[-1] * _LOG_SQRT_2PI  # both terms' constants (q sums to 1 per state): no gradient
     return const - (weights.t() * (logp_mean + logp_std)).sum(0).mean()
+
+
+def unbiased_weights_correction(total: torch.Tensor, total_sq: torch.Tensor) -> torch.Tensor:
+    """1 - sum q^2 / (sum q)^2 per state (floored at 1e-6: one-hot weights have no spread to correct)."""
+    return (1.0 - total_sq / (total * total)).clamp_min(1e-6)
 
 
 class WeightedMoments:
@@ -83,7 +92,7 @@ class WeightedMoments:
     Both likelihood terms are quadratic in u, so these three replace the N samples: sum_j q (u - mu)^2 =
     second - 2 (mu - mu_old) first + (mu - mu_old)^2 total. ``second_std`` is the covariance term's second moment:
     ``second`` about pi_old's mean, or with ``std_fit="weighted_mean"`` about the weighted samples' own mean,
-    second - first^2 / total (``STD_FITS``)."""
+    (second - first^2 / total) / (1 - sum q^2 / total^2) (``STD_FITS``)."""
 
     def __init__(self, u: torch.Tensor, weights: torch.Tensor, mu_old: torch.Tensor, std_old: torch.Tensor,
                  std_fit: str = "old_mean") -> None:
@@ -96,7 +105,8 @@ class WeightedMoments:
             self.first = (w * e).sum(0)
             self.second = (w * e * e).sum(0)
             if std_fit == "weighted_mean":
-                self.second_std = (self.second - self.first * self.first / self.total).clamp_min(0.0)
+                about_own_mean = (self.second - self.first * self.first / self.total).clamp_min(0.0)
+                self.second_std = about_own_mean / unbiased_weights_correction(self.total, (w * w).sum(0))
             else:
                 self.second_std = self.second
             self.mu_old = mu_old
