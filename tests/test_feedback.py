@@ -34,6 +34,18 @@ def test_control_law_tightens_over_the_target_relaxes_to_zero_under_it_and_stays
     assert update_offset(np.array([0.3]), [0.0], 0, [1.0], 100, 1.0, 0.1)[0] == 0.3
 
 
+def test_anti_windup_holds_an_offset_that_would_grow_and_lets_it_shrink():
+    # As above (T = 100, limit 10, target 9, 4 episodes, gain 0.1): the first constraint 1 over the target, the
+    # second 4 under with an offset of 2.
+    start = np.array([0.0, 2.0])
+    free = update_offset(start, [40.0, 20.0], 400, [10.0, 10.0], 100, 0.1, 0.1)
+    np.testing.assert_allclose(free, [0.4, 0.4])
+    held = update_offset(start, [40.0, 20.0], 400, [10.0, 10.0], 100, 0.1, 0.1, hold=[True, True])
+    np.testing.assert_allclose(held, [0.0, 0.4])  # no growth where over the target; shrinking is not held
+    np.testing.assert_allclose(update_offset(start, [40.0, 20.0], 400, [10.0, 10.0], 100, 0.1, 0.1,
+                                             hold=[False, True]), [0.4, 0.4])
+
+
 def test_the_source_chooses_the_measured_cost_and_both_takes_the_larger_error():
     # T = 100, limit 10, margin 0.1: target 9. Training: 400 steps costing 40 (10 per episode, error +1); the
     # last evaluation: 15 per episode (error +6). Weighted by the 4 episodes just sampled, gain 0.1.
@@ -61,6 +73,8 @@ def test_validate_rejects_a_negative_gain_a_margin_outside_0_1_and_a_bad_source(
     with pytest.raises(ValueError, match="cost_feedback_source must be one of 'training', 'evaluation', 'both', "
                                          "got 'eval'"):
         small_config(cost_feedback_source="eval").validate()
+    with pytest.raises(ValueError, match="cost_feedback_antiwindup must be True or False, got 'yes'"):
+        small_config(cost_feedback_antiwindup="yes").validate()
     with pytest.raises(ValueError, match="cost_feedback_source='both' measures the evaluation's cost, but "
                                          "evaluation is off"):
         small_config(cost_feedback_gain=0.1, cost_feedback_source="both").evaluation(
@@ -146,6 +160,41 @@ def test_evaluation_feedback_follows_the_deployed_policys_measured_cost_and_surv
         assert (float(restored._cost_offset[0]), restored._evaluation_costs) == saved
     finally:
         restored.stop()
+
+
+def test_anti_windup_holds_the_offset_while_lambda_sits_at_its_bound(ray_local):
+    # SpeedLimit-v0 with limit 5: the early policy costs far more than the limit, the E-step's lambda reaches its
+    # bound, and from then on the offset may not grow while it stays there. Replay the control law with the hold
+    # the algorithm saw before each round's step (lambda at its bound in at least half of the last round's updates).
+    config = small_config(cost_limit=5.0, cost_feedback_gain=0.5, cost_feedback_antiwindup=True)
+    algo = config.build_algo()
+    replayed = []
+    original = algo._store
+
+    def recording(rounds):
+        added, costs = original(rounds)
+        at_bound = algo._lambda_at_bound
+        replayed.append((added, float(costs[0]), None if at_bound is None else float(at_bound[0])))
+        return added, costs
+
+    algo._store = recording
+    try:
+        for _ in range(3):
+            algo.train()
+        learner = algo.learner_group._learner
+        assert algo._lambda_at_bound[0] == learner.lambda_at_bound_fraction()[0]
+        expected, unheld, seen, holds = np.zeros(1), np.zeros(1), 0, 0
+        for added, cost, at_bound in replayed:
+            seen += added
+            if seen >= config.num_steps_sampled_before_learning_starts:
+                hold = None if at_bound is None else [at_bound >= 0.5]
+                holds += bool(hold and hold[0])
+                expected = update_offset(expected, [cost], added, [5.0], 200, 0.5, 0.1, hold=hold)
+                unheld = update_offset(unheld, [cost], added, [5.0], 200, 0.5, 0.1)
+        assert float(algo._cost_offset[0]) == pytest.approx(float(expected[0]), rel=1e-12)
+        assert holds > 0 and float(expected[0]) < float(unheld[0])  # the hold acted and kept the offset lower
+    finally:
+        algo.stop()
 
 
 def test_without_feedback_the_thresholds_are_the_limits(ray_local):

@@ -71,6 +71,7 @@ class CVPOConfig(AlgorithmConfig):
         self.cost_feedback_gain = 0.1
         self.cost_feedback_margin = 0.1
         self.cost_feedback_source = "training"
+        self.cost_feedback_antiwindup = False
         self.episode_len: Optional[int] = None
         # E-step.
         self.estep_kl = 0.02
@@ -140,6 +141,7 @@ class CVPOConfig(AlgorithmConfig):
         cost_feedback_gain=NotProvided,
         cost_feedback_margin=NotProvided,
         cost_feedback_source=NotProvided,
+        cost_feedback_antiwindup=NotProvided,
         episode_len=NotProvided,
         estep_kl=NotProvided,
         num_action_samples=NotProvided,
@@ -199,6 +201,9 @@ class CVPOConfig(AlgorithmConfig):
             cost_feedback_source: which measured cost the feedback drives to the target: "training" (the
                 exploring policy's episodes, default), "evaluation" (the deployed deterministic policy's last
                 evaluation; needs evaluation) or "both" (whichever is further over).
+            cost_feedback_antiwindup: hold each offset (it may shrink, not grow) while the E-step's lambda sat at
+                its bound in at least half of the last round's updates: the threshold is then already below what
+                the E-step reaches inside its trust region (default False).
             episode_len: T, the episode length used to turn d into the per-step Q_c threshold
                 eps_c = d (1 - gamma^T) / ((1 - gamma) T); default None: the env's time limit.
             estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.02 [FSRL],
@@ -467,8 +472,9 @@ class CVPOConfig(AlgorithmConfig):
                           f"{self.learner_num_threads!r}")
         if self.pi_old_sync not in ("polyak", "round"):
             errors.append(f"pi_old_sync must be 'polyak' or 'round', got {self.pi_old_sync!r}")
-        if not isinstance(self.estep_twin_min, bool):
-            errors.append(f"estep_twin_min must be True or False, got {self.estep_twin_min!r}")
+        for name in ("estep_twin_min", "cost_feedback_antiwindup"):
+            if not isinstance(getattr(self, name), bool):
+                errors.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.twin_qc and self.qc_ensemble != 1:
             errors.append(f"twin_qc and qc_ensemble={self.qc_ensemble!r} both set the cost heads: use one")
         if self.qc_pessimism and self.qc_ensemble < 2:
@@ -548,6 +554,7 @@ class CVPO(Algorithm):
         self._episode_shard: Dict[Any, int] = {}  # a running episode's shard, so its next chunk joins it there
         self._update_credit = 0.0
         self._cost_offset = np.zeros(len(config.cost_keys))  # the cost feedback's offsets o (episodic cost units)
+        self._lambda_at_bound: Optional[np.ndarray] = None  # per constraint, over the last round's updates
         self._evaluation_costs: Optional[list] = None  # each constraint's mean episodic cost in the last evaluation
 
     @override(Algorithm)
@@ -579,9 +586,12 @@ class CVPO(Algorithm):
             return
         if cfg.cost_feedback_gain > 0:  # not during warm-up: those steps come from uniformly random actions
             limits = list(cfg.cost_limits_at(lifetime).values())
+            hold = None
+            if cfg.cost_feedback_antiwindup and self._lambda_at_bound is not None:
+                hold = self._lambda_at_bound >= 0.5
             self._cost_offset = update_offset(self._cost_offset, sampled_costs, sampled, limits,
                                               cfg.horizon, cfg.cost_feedback_gain, cfg.cost_feedback_margin,
-                                              cfg.cost_feedback_source, self._evaluation_costs)
+                                              cfg.cost_feedback_source, self._evaluation_costs, hold)
             for key, offset in zip(cfg.cost_keys, self._cost_offset):
                 self.metrics.log_value((COST_FEEDBACK, key), float(offset), window=1)
         self._update_credit += sampled * cfg.updates_per_env_step
@@ -596,6 +606,9 @@ class CVPO(Algorithm):
         # dual of all learners' states together (CVPOTorchLearner).
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
             results = self._foreach_learner(_update_from_replay, num_updates=num_updates, timesteps=timesteps)
+        results, at_bound = [r for r, _ in results], results[0][1]
+        if at_bound is not None:
+            self._lambda_at_bound = at_bound
         self.metrics.aggregate(results, key=LEARNER_RESULTS)
         if not overlap:  # (overlapped sampling hands the weights over with each sampling request)
             with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
@@ -861,7 +874,9 @@ def _add_to_replay(learner, data=None, refs=None) -> int:
 
 
 def _update_from_replay(learner, num_updates, timesteps):
-    return learner.update_from_replay(num_updates, timesteps)
+    """The learner's updates' results, and per constraint the fraction of them with lambda at its bound (the cost
+    feedback's anti-windup reads it; every learner solves the same global dual)."""
+    return learner.update_from_replay(num_updates, timesteps), learner.lambda_at_bound_fraction()
 
 
 def _replay_state(learner):

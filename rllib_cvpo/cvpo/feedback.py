@@ -18,6 +18,12 @@ same amount in Q_c units, and may go below 0 where the critic's bias needs it):
 The gain is per episode's worth of experience, independent of how the sampling is chunked; the margin m puts the
 target below the limit.
 
+With ``cost_feedback_antiwindup``, o_i does not grow while the E-step's lambda_i sat at its bound in at least half of
+the last round's updates (it may still shrink): the threshold is then already below what the E-step can reach
+inside its KL trust region, so lowering it further changes no update now, and only has to be unwound later, while
+the policy keeps minimising cost after the measured cost has fallen (conditional integration, the standard
+anti-windup of an integral controller whose actuator saturates).
+
 What J_i measures is ``cost_feedback_source``: "training", the exploring (stochastic) policy's episodes just sampled;
 "evaluation", the deployed (deterministic) policy's last evaluation, held between evaluations; or "both", the larger
 of the two errors, so the correction tightens until both policies are under the target. The deployed policy is not
@@ -42,11 +48,13 @@ SOURCES = ("training", "evaluation", "both")
 
 def update_offset(offset: np.ndarray, step_costs: Sequence[float], steps: int, limits: Sequence[float],
                   horizon: int, gain: float, margin: float, source: str = "training",
-                  evaluation_costs: Optional[Sequence[float]] = None) -> np.ndarray:
+                  evaluation_costs: Optional[Sequence[float]] = None,
+                  hold: Optional[Sequence[bool]] = None) -> np.ndarray:
     """One integral step of the offsets o (see the module docstring), weighted by the ``steps`` env steps just
     sampled. ``step_costs``: the summed cost of each constraint over those steps; ``evaluation_costs``: each
     constraint's mean episodic cost in the last evaluation (None: none yet, and then "evaluation" makes no step and
-    "both" uses the training error alone)."""
+    "both" uses the training error alone). ``hold``: per constraint, True where the offset must not grow this step
+    (it may still shrink): conditional-integration anti-windup, see ``CVPOConfig.cost_feedback_antiwindup``."""
     offset = np.asarray(offset, np.float64)
     if source not in SOURCES:
         raise ValueError(f"cost feedback source must be one of {SOURCES}, got {source!r}")
@@ -63,4 +71,6 @@ def update_offset(offset: np.ndarray, step_costs: Sequence[float], steps: int, l
     if not errors:
         return offset.copy()
     error = np.clip(np.max(errors, axis=0), -scale, scale)
+    if hold is not None:
+        error = np.where(np.asarray(hold, bool), np.minimum(error, 0.0), error)
     return np.clip(offset + gain * (steps / horizon) * error, 0.0, OFFSET_MAX * scale)

@@ -100,6 +100,8 @@ class CVPOTorchLearner(TorchLearner):
         self.last_estep: Dict[str, Dict[str, Any]] = {}
         self._threshold_cache: Dict[str, Tuple[Any, list]] = {}
         self._threshold_offset: Optional[list] = None
+        # Per module, over the last update_from_replay call: (updates with each lambda_i at its bound, updates).
+        self._lambda_at_bound: Dict[str, Tuple[np.ndarray, int]] = {}
 
     # -- the replay shard -----------------------------------------------------------------------------------------
     def add_to_replay(self, chunks) -> int:
@@ -120,8 +122,18 @@ class CVPOTorchLearner(TorchLearner):
         rows = per_learner * cfg.critic_updates_per_update
         columns = self.replay.sample(num_updates * rows, n_step=cfg.n_step, gamma=cfg.gamma, recent=recent)
         batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(columns)}, env_steps=len(columns[Columns.OBS]))
+        self._lambda_at_bound = {}
         return self.update(batch=batch, minibatch_size=rows, num_epochs=1, shuffle_batch_per_epoch=False,
                            timesteps=timesteps)
+
+    def lambda_at_bound_fraction(self, module_id: str = DEFAULT_MODULE_ID) -> Optional[np.ndarray]:
+        """Per constraint, the fraction of the last :meth:`update_from_replay` call's updates whose E-step put
+        lambda_i at its bound (every learner solves the same global dual, so every learner returns the same); None
+        before the first call."""
+        if module_id not in self._lambda_at_bound:
+            return None
+        at_bound, updates = self._lambda_at_bound[module_id]
+        return at_bound / updates
 
     @override(TorchLearner)
     def _make_modules_ddp_if_necessary(self) -> None:
@@ -358,6 +370,8 @@ class CVPOTorchLearner(TorchLearner):
             for main, target, tau in pairs:
                 torch._foreach_lerp_(list(target.parameters()), list(main.parameters()), tau)
         state["num_updates"] += 1
+        at_bound, updates = self._lambda_at_bound.get(mid, (0.0, 0))
+        self._lambda_at_bound[mid] = (at_bound + np.asarray(sol.lam_at_bound, np.float64), updates + 1)
 
         # Each metric is the mean over the iteration's updates ("dual_at_bound": the fraction of updates with a dual
         # variable at its bound); the update counter is the latest. Tensors stay on the learner's device until
