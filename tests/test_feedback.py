@@ -162,7 +162,7 @@ def test_evaluation_feedback_follows_the_deployed_policys_measured_cost_and_surv
         restored.stop()
 
 
-def test_anti_windup_holds_the_offset_while_lambda_sits_at_its_bound(ray_local):
+def test_anti_windup_holds_the_offset_while_lambda_sits_at_its_bound(ray_local, tmp_path):
     # SpeedLimit-v0 with limit 5: the early policy costs far more than the limit, the E-step's lambda reaches its
     # bound, and from then on the offset may not grow while it stays there. Replay the control law with the hold
     # the algorithm saw before each round's step (lambda at its bound in at least half of the last round's updates).
@@ -193,8 +193,15 @@ def test_anti_windup_holds_the_offset_while_lambda_sits_at_its_bound(ray_local):
                 unheld = update_offset(unheld, [cost], added, [5.0], 200, 0.5, 0.1)
         assert float(algo._cost_offset[0]) == pytest.approx(float(expected[0]), rel=1e-12)
         assert holds > 0 and float(expected[0]) < float(unheld[0])  # the hold acted and kept the offset lower
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+        reading = algo._lambda_at_bound.copy()
     finally:
         algo.stop()
+    restored = CVPO.from_checkpoint(path)
+    try:  # a resumed run holds (or not) the next round's step as the run it continues would
+        np.testing.assert_array_equal(restored._lambda_at_bound, reading)
+    finally:
+        restored.stop()
 
 
 def test_without_feedback_the_thresholds_are_the_limits(ray_local):

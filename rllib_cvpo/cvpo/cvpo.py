@@ -840,7 +840,8 @@ class CVPO(Algorithm):
             state[REPLAY_STATE] = {"shards": self.replay_states(), "credit": self._update_credit,
                                    "shard_sizes": list(self._shard_sizes)}
         if self._check_component(COST_FEEDBACK, components, not_components):
-            state[COST_FEEDBACK] = {"offset": self._cost_offset.copy(), "evaluation_costs": self._evaluation_costs}
+            state[COST_FEEDBACK] = {"offset": self._cost_offset.copy(), "evaluation_costs": self._evaluation_costs,
+                                    "lambda_at_bound": self._lambda_at_bound}
         return state
 
     @override(Algorithm)
@@ -861,6 +862,7 @@ class CVPO(Algorithm):
         if COST_FEEDBACK in state:
             self._cost_offset = np.array(state[COST_FEEDBACK]["offset"], np.float64)
             self._evaluation_costs = state[COST_FEEDBACK].get("evaluation_costs")
+            self._lambda_at_bound = state[COST_FEEDBACK].get("lambda_at_bound")  # the anti-windup's last reading
 
 
 # Functions the algorithm runs on its learners (module level: remote learners import them by name).
