@@ -6,7 +6,7 @@ from helpers import small_config
 
 from rllib_cvpo.cvpo.cvpo import CVPO, COST_FEEDBACK
 from rllib_cvpo.cvpo.estep import qc_threshold
-from rllib_cvpo.cvpo.feedback import OFFSET_MAX, update_offset
+from rllib_cvpo.cvpo.feedback import ANTIWINDUP_AT_BOUND, OFFSET_MAX, update_offset
 
 
 def test_control_law_tightens_over_the_target_relaxes_to_zero_under_it_and_stays_bounded():
@@ -187,7 +187,7 @@ def test_anti_windup_holds_the_offset_while_lambda_sits_at_its_bound(ray_local, 
         for added, cost, at_bound in replayed:
             seen += added
             if seen >= config.num_steps_sampled_before_learning_starts:
-                hold = None if at_bound is None else [at_bound >= 0.5]
+                hold = None if at_bound is None else [at_bound >= ANTIWINDUP_AT_BOUND]
                 holds += bool(hold and hold[0])
                 expected = update_offset(expected, [cost], added, [5.0], 200, 0.5, 0.1, hold=hold)
                 unheld = update_offset(unheld, [cost], added, [5.0], 200, 0.5, 0.1)

@@ -33,7 +33,8 @@ from ray.util.debug import log_once
 from rllib_cvpo.checkpoints import CheckpointError, complete_checkpoints, incomplete_reason, read_manifest, write_manifest
 from rllib_cvpo.cvpo.callbacks import CostMetricsCallback
 from rllib_cvpo.cvpo.estep import qc_threshold
-from rllib_cvpo.cvpo.feedback import SOURCES as FEEDBACK_SOURCES, THRESHOLD_OFFSET, update_offset
+from rllib_cvpo.cvpo.feedback import (ANTIWINDUP_AT_BOUND, SOURCES as FEEDBACK_SOURCES, THRESHOLD_OFFSET,
+                                      update_offset)
 from rllib_cvpo.cvpo.mstep import STD_FITS
 from rllib_cvpo.cvpo.replay import COSTS, CostReplayBuffer, episode_chunks
 
@@ -588,7 +589,7 @@ class CVPO(Algorithm):
             limits = list(cfg.cost_limits_at(lifetime).values())
             hold = None
             if cfg.cost_feedback_antiwindup and self._lambda_at_bound is not None:
-                hold = self._lambda_at_bound >= 0.5
+                hold = self._lambda_at_bound >= ANTIWINDUP_AT_BOUND
             self._cost_offset = update_offset(self._cost_offset, sampled_costs, sampled, limits,
                                               cfg.horizon, cfg.cost_feedback_gain, cfg.cost_feedback_margin,
                                               cfg.cost_feedback_source, self._evaluation_costs, hold)

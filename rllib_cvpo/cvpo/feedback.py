@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+ANTIWINDUP_AT_BOUND = 0.5  # the share of a round's updates with lambda_i at its bound from which o_i is held
 OFFSET_MAX = 4.0  # in units of max(d, 1): the limit the E-step sees goes no lower than d - 4 max(d, 1)
 THRESHOLD_OFFSET = "cvpo_threshold_offset"  # the key of Learner.update()'s timesteps that hands the offsets over
 
