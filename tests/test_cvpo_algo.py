@@ -19,6 +19,8 @@ from helpers import small_config
         (dict(cost_limit="high"), "cost_limit for 'cost' must be a number >= 0, got 'high'"),
         (dict(cost_limit={"cost_hazards": 5.0, "cost_vases": -2}), "cost_limit for 'cost_vases'"),
         (dict(estep_kl=0.0), "estep_kl must be > 0.0, got 0.0"),
+        (dict(estep_constraint_rate=0.0), "estep_constraint_rate must be > 0.0, got 0.0"),
+        (dict(estep_constraint_rate=1.5), "estep_constraint_rate must be <= 1.0, got 1.5"),
         (dict(num_action_samples=1), "num_action_samples must be an integer >= 2, got 1"),
         (dict(estep_solver="lbfgs"), "estep_solver must be 'newton' or 'cvxpy', got 'lbfgs'"),
         (dict(tau=1.5), "tau must be <= 1.0, got 1.5"),

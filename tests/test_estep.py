@@ -8,6 +8,7 @@ from rllib_cvpo.cvpo.estep import (
     DualProblem,
     NonFiniteError,
     qc_threshold,
+    rate_thresholds,
     solve_dual_cvxpy,
     solve_dual_newton,
     variational_weights,
@@ -240,3 +241,44 @@ def test_non_finite_inputs_are_refused_naming_the_quantity(bad):
         solve_dual_newton(p, bad, [0.0])
     with pytest.raises(NonFiniteError, match=r"warm start"):
         solve_dual_newton(p, 1.0, [bad])
+
+
+def test_rate_thresholds_close_a_share_of_the_gap_to_the_global_batchs_mean():
+    qr, qc = _batch(5, m=2)
+    eps = [0.8, 2.5]
+    m = qc.mean(dim=(0, 1)).numpy()
+    assert rate_thresholds(qc, eps, 1.0) == pytest.approx(eps, rel=1e-12)
+    got = rate_thresholds(qc, eps, 0.1)
+    assert got == pytest.approx([m[i] + 0.1 * (eps[i] - m[i]) for i in range(2)], rel=1e-12)
+    # A shard's sums, summed with the other shard's (the learners' all-reduce): the combined batch's thresholds.
+    other = qc[40:].numpy()
+    other_sums = np.concatenate([other.sum(axis=(0, 1)), [other.shape[0] * other.shape[1]]])
+    assert rate_thresholds(qc[:40], eps, 0.1, reduce=lambda x: x + other_sums) == pytest.approx(got, rel=1e-12)
+    assert rate_thresholds(qc[..., 0], eps[:1], 0.5) == pytest.approx([m[0] + 0.5 * (eps[0] - m[0])], rel=1e-12)
+
+
+def test_a_rate_below_one_turns_the_duals_switch_into_an_interior_answer():
+    """Batches shaped like SafetyPointCircle1-v0's (measured on a 300k checkpoint): the states' mean Q_c differ
+    by about 3.8, so the mean over 256 of them varies by about 0.24 from batch to batch; within a state the
+    actions' Q_c differ by about 0.14 and their Q_r by about 0.01, correlated (0.44). Inside a KL ball of 0.02 the
+    E-step moves the mean Q_c by less than 0.05 either way, so against eps_c itself (kappa = 1) most batches are
+    slack (lambda 0) or infeasible (lambda at its bound); asked for a fiftieth of the gap, nearly all are interior,
+    and the weighted mean Q_c then meets the rate's threshold exactly."""
+    rng = np.random.default_rng(0)
+    eps, lam_max = 4.0, 40.0
+    interior = {1.0: 0, 0.02: 0}
+    batches = 60
+    for _ in range(batches):
+        states = rng.normal(4.0, 3.8, size=(256, 1))
+        z = rng.normal(size=(256, 16))
+        qc = torch.from_numpy(states + 0.14 * z)
+        qr = torch.from_numpy(9.0 + 0.01 * (0.44 * z + np.sqrt(1 - 0.44**2) * rng.normal(size=z.shape)))
+        for rate in interior:
+            threshold = rate_thresholds(qc, [eps], rate)
+            sol = solve_dual_newton(DualProblem(qr, qc, 0.02, threshold), 1.0, [0.0], lam_max=lam_max)
+            if 1e-6 < sol.lam[0] < lam_max * (1 - 1e-9):
+                interior[rate] += 1
+                w = variational_weights(qr, qc, sol.eta, sol.lam)
+                assert float((w * qc).sum(1).mean()) == pytest.approx(threshold[0], abs=1e-6)
+    assert interior[1.0] <= 0.3 * batches
+    assert interior[0.02] >= 0.9 * batches

@@ -37,6 +37,7 @@ def _snapshot(learner):
         "qr": last["qr"].double().cpu().numpy(),
         "qc": last["qc"].double().cpu().numpy(),
         "thresholds": list(last["thresholds"]),
+        "limit_thresholds": list(learner._thresholds("default_policy", learner.config)),
         "eta": last["solution"].eta,
         "lam": np.array(last["solution"].lam),
     }
@@ -64,7 +65,9 @@ def _solve_my_shard(learner):
 
 
 def test_two_learners_keep_identical_weights_and_solve_the_global_dual(ray_local):
-    config = small_config(updates_per_env_step=0.5, cost_limit=40.0).learners(num_learners=2, num_cpus_per_learner=0.5)
+    # (estep_constraint_rate < 1: its thresholds come from the global batch's mean Q_c, checked below)
+    config = small_config(updates_per_env_step=0.5, cost_limit=40.0, estep_constraint_rate=0.5).learners(
+        num_learners=2, num_cpus_per_learner=0.5)
     algo = config.build_algo()
     try:
         for _ in range(3):
@@ -90,7 +93,12 @@ def test_two_learners_keep_identical_weights_and_solve_the_global_dual(ray_local
     for key in a["duals"]:
         np.testing.assert_array_equal(a["duals"][key], b["duals"][key], err_msg=key)
 
-    # The E-step dual both learners solved is the single-learner dual of the combined batch.
+    # The E-step dual both learners solved is the single-learner dual of the combined batch, at the thresholds that
+    # close half of the gap between the combined batch's mean Q_c and the limit's.
+    qc_mean = np.concatenate([a["qc"], b["qc"]]).mean(axis=(0, 1))
+    assert a["limit_thresholds"] == b["limit_thresholds"]
+    assert a["thresholds"] == b["thresholds"] == [
+        pytest.approx(m + 0.5 * (t - m), rel=1e-9) for m, t in zip(qc_mean, a["limit_thresholds"])]
     combined = estep.DualProblem(
         torch.from_numpy(np.concatenate([a["qr"], b["qr"]])), torch.from_numpy(np.concatenate([a["qc"], b["qc"]])),
         config.estep_kl, a["thresholds"],

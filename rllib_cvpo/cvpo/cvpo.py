@@ -76,6 +76,7 @@ class CVPOConfig(AlgorithmConfig):
         self.episode_len: Optional[int] = None
         # E-step.
         self.estep_kl = 0.02
+        self.estep_constraint_rate = 1.0
         self.num_action_samples = 16
         self.estep_solver = "newton"
         self.eta_init = 1.0
@@ -145,6 +146,7 @@ class CVPOConfig(AlgorithmConfig):
         cost_feedback_antiwindup=NotProvided,
         episode_len=NotProvided,
         estep_kl=NotProvided,
+        estep_constraint_rate=NotProvided,
         num_action_samples=NotProvided,
         estep_solver=NotProvided,
         eta_init=NotProvided,
@@ -210,6 +212,12 @@ class CVPOConfig(AlgorithmConfig):
             estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.02 [FSRL],
                 with pi_old copied per round; [ORIG] 0.1, which with a Polyak-averaged pi_old let the cost run at
                 about twice the limit, docs/benchmarks.md section 5).
+            estep_constraint_rate: kappa in (0, 1], the share of the gap between the batch's mean Q_c under pi_old
+                and the threshold that one E-step asks q to close: E_q[Q_c] <= m + kappa (eps_c - m), m the mean
+                Q_c of pi_old's samples over the batch's states (all learners'). 1 (default) is CVPO's constraint
+                E_q[Q_c] <= eps_c. Below 1 the E-step's answer is proportional to the excess over a band kappa^-1
+                times as wide, where at 1 it switches between reward-greedy and cost-greedy (``estep.py``'s
+                ``rate_thresholds`` says why); the threshold the run converges to is still eps_c.
             num_action_samples: N (the paper's particle size K), actions sampled per state (default 16, [FSRL]).
             estep_solver: "newton" (default: projected damped Newton in float64 with the analytic gradient and
                 Hessian, warm-started) or "cvxpy" (the exponential-cone program; slow, the reference).
@@ -488,6 +496,7 @@ class CVPOConfig(AlgorithmConfig):
             errors.append(f"episode_len must be a positive integer or None, got {self.episode_len!r}")
         number("gamma", 0.0, 1.0)
         number("estep_kl", 0.0, lo_open=True)
+        number("estep_constraint_rate", 0.0, 1.0, lo_open=True)
         if not isinstance(self.num_action_samples, int) or self.num_action_samples < 2:
             errors.append(f"num_action_samples must be an integer >= 2, got {self.num_action_samples!r}")
         if self.estep_solver not in ("newton", "cvxpy"):

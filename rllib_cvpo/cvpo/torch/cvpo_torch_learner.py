@@ -329,6 +329,9 @@ class CVPOTorchLearner(TorchLearner):
             qr_s = eqr.min(0).values.reshape(n, batch_size).t()
             qc_s = eqc.reshape(m, n, batch_size).permute(2, 1, 0)
             thresholds = self._thresholds(mid, cfg)
+            if cfg.estep_constraint_rate < 1.0:
+                thresholds = estep.rate_thresholds(qc_s, thresholds, cfg.estep_constraint_rate,
+                                                   self._allreduce_numpy)
             t_dual = time.perf_counter()
             try:
                 problem = estep.DualProblem(qr_s, qc_s, cfg.estep_kl, thresholds, reduce=self._allreduce_numpy)
