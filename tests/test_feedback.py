@@ -6,7 +6,7 @@ from helpers import small_config
 
 from rllib_cvpo.cvpo.cvpo import CVPO, COST_FEEDBACK
 from rllib_cvpo.cvpo.estep import qc_threshold
-from rllib_cvpo.cvpo.feedback import ANTIWINDUP_AT_BOUND, OFFSET_MAX, update_offset
+from rllib_cvpo.cvpo.feedback import ANTIWINDUP_AT_BOUND, OFFSET_MAX, update_offset, window_rounds
 
 
 def test_control_law_tightens_over_the_target_relaxes_to_zero_under_it_and_stays_bounded():
@@ -46,6 +46,33 @@ def test_anti_windup_holds_an_offset_that_would_grow_and_lets_it_shrink():
                                              hold=[False, True]), [0.4, 0.4])
 
 
+def test_a_window_keeps_the_newest_rounds_that_cover_it_and_weighs_each_step_by_its_own_round():
+    rounds = []
+    for i in range(5):
+        rounds = window_rounds(rounds, 800, [float(i), 10.0 * i], 2000)
+    assert [s for s, _ in rounds] == [800, 800, 800]  # 1600 < 2000 <= 2400: the newest three
+    np.testing.assert_array_equal(np.array([c for _, c in rounds]), [[2, 20], [3, 30], [4, 40]])
+    assert [s for s, _ in window_rounds([], 5000, [1.0], 2000)] == [5000]  # one round longer than the window
+    # The error is measured over the window, the step weighs the new round's steps only.
+    assert update_offset(np.zeros(1), [40.0], 400, [10.0], 100, 0.1, 0.1, weight_steps=100)[0] == pytest.approx(0.1)
+
+
+def test_over_a_window_the_offset_integrates_the_mean_excess_that_per_round_errors_lose_to_their_bound():
+    # Limit 25 (target 22.5, errors bounded by 25), T = 100, rounds of one episode alternating between 0 and 70
+    # cost: 35 on average, 12.5 over the target. Per round the errors are -22.5 and +25 (47.5 bounded), so the
+    # offset gains 1.25 per round on average, a tenth of the excess; over a window of two rounds it gains 12.5 (the
+    # first round alone, 22.5 under, finds the offset at 0 in both).
+    plain, windowed, rounds = np.zeros(1), np.zeros(1), []
+    for i in range(40):
+        cost = [0.0 if i % 2 == 0 else 70.0]
+        plain = update_offset(plain, cost, 100, [25.0], 100, 0.1, 0.1)
+        rounds = window_rounds(rounds, 100, cost, 200)
+        steps, costs = sum(s for s, _ in rounds), np.sum([c for _, c in rounds], axis=0)
+        windowed = update_offset(windowed, costs, steps, [25.0], 100, 0.1, 0.1, weight_steps=100)
+    assert plain[0] == pytest.approx(0.1 * (20 * 25.0 - 19 * 22.5))  # 7.25
+    assert windowed[0] == pytest.approx(0.1 * 39 * 12.5)  # 48.75
+
+
 def test_the_source_chooses_the_measured_cost_and_both_takes_the_larger_error():
     # T = 100, limit 10, margin 0.1: target 9. Training: 400 steps costing 40 (10 per episode, error +1); the
     # last evaluation: 15 per episode (error +6). Weighted by the 4 episodes just sampled, gain 0.1.
@@ -75,16 +102,21 @@ def test_validate_rejects_a_negative_gain_a_margin_outside_0_1_and_a_bad_source(
         small_config(cost_feedback_source="eval").validate()
     with pytest.raises(ValueError, match="cost_feedback_antiwindup must be True or False, got 'yes'"):
         small_config(cost_feedback_antiwindup="yes").validate()
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"cost_feedback_window must be None .* got {bad!r}"):
+            small_config(cost_feedback_window=bad).validate()
     with pytest.raises(ValueError, match="cost_feedback_source='both' measures the evaluation's cost, but "
                                          "evaluation is off"):
         small_config(cost_feedback_gain=0.1, cost_feedback_source="both").evaluation(
             evaluation_interval=None).validate()
 
 
-def test_feedback_offsets_the_learners_thresholds_exactly_and_survives_a_checkpoint(ray_local, tmp_path):
+@pytest.mark.parametrize("window", [None, 500])
+def test_feedback_offsets_the_learners_thresholds_exactly_and_survives_a_checkpoint(ray_local, tmp_path, window):
     # SpeedLimit-v0 with limit 5: the early policy costs far more (a uniformly random one about 75 per episode), so
     # the offset must grow, and the E-step must use eps_c(d) - eps_c(1) * o (= eps_c(d - o), below 0 if o > d).
-    config = small_config(cost_limit=5.0, cost_feedback_gain=0.5)
+    # With a window the error is measured over the newest rounds covering 500 env steps.
+    config = small_config(cost_limit=5.0, cost_feedback_gain=0.5, cost_feedback_window=window)
     algo = config.build_algo()
     replayed = []
     original = algo._store
@@ -100,11 +132,18 @@ def test_feedback_offsets_the_learners_thresholds_exactly_and_survives_a_checkpo
         for _ in range(3):
             result = algo.train()
         # Replay the control law on the recorded (steps, cost) of every post-warm-up sampling round.
-        expected, seen = np.zeros(1), 0
+        expected, seen, rounds = np.zeros(1), 0, []
         for added, cost in replayed:
             seen += added
             if seen >= config.num_steps_sampled_before_learning_starts:
-                expected = update_offset(expected, [cost], added, [5.0], 200, 0.5, 0.1)
+                if window is None:
+                    expected = update_offset(expected, [cost], added, [5.0], 200, 0.5, 0.1)
+                else:
+                    rounds = window_rounds(rounds, added, [cost], window)
+                    expected = update_offset(expected, np.sum([c for _, c in rounds], axis=0),
+                                             sum(s for s, _ in rounds), [5.0], 200, 0.5, 0.1, weight_steps=added)
+        if window is not None:
+            assert len(rounds) > 1 and sum(s for s, _ in rounds[1:]) < window <= sum(s for s, _ in rounds)
         offset = float(algo._cost_offset[0])
         assert offset == pytest.approx(float(expected[0]), rel=1e-12) and offset > 0
         assert result[COST_FEEDBACK]["cost"] == pytest.approx(offset)
@@ -118,6 +157,7 @@ def test_feedback_offsets_the_learners_thresholds_exactly_and_survives_a_checkpo
     restored = CVPO.from_checkpoint(path)
     try:
         assert float(restored._cost_offset[0]) == offset
+        assert [(s, list(c)) for s, c in restored._feedback_rounds] == [(s, list(c)) for s, c in rounds]
         restored.train()
         assert float(restored._cost_offset[0]) != offset  # it keeps adapting
     finally:

@@ -34,7 +34,7 @@ from rllib_cvpo.checkpoints import CheckpointError, complete_checkpoints, incomp
 from rllib_cvpo.cvpo.callbacks import CostMetricsCallback
 from rllib_cvpo.cvpo.estep import qc_threshold
 from rllib_cvpo.cvpo.feedback import (ANTIWINDUP_AT_BOUND, SOURCES as FEEDBACK_SOURCES, THRESHOLD_OFFSET,
-                                      update_offset)
+                                      update_offset, window_rounds)
 from rllib_cvpo.cvpo.mstep import STD_FITS
 from rllib_cvpo.cvpo.replay import COSTS, CostReplayBuffer, episode_chunks
 
@@ -73,6 +73,7 @@ class CVPOConfig(AlgorithmConfig):
         self.cost_feedback_margin = 0.1
         self.cost_feedback_source = "training"
         self.cost_feedback_antiwindup = False
+        self.cost_feedback_window: Optional[int] = None
         self.episode_len: Optional[int] = None
         # E-step.
         self.estep_kl = 0.02
@@ -144,6 +145,7 @@ class CVPOConfig(AlgorithmConfig):
         cost_feedback_margin=NotProvided,
         cost_feedback_source=NotProvided,
         cost_feedback_antiwindup=NotProvided,
+        cost_feedback_window=NotProvided,
         episode_len=NotProvided,
         estep_kl=NotProvided,
         estep_constraint_rate=NotProvided,
@@ -207,6 +209,12 @@ class CVPOConfig(AlgorithmConfig):
             cost_feedback_antiwindup: hold each offset (it may shrink, not grow) while the E-step's lambda sat at
                 its bound in at least half of the last round's updates: the threshold is then already below what
                 the E-step reaches inside its trust region (default False).
+            cost_feedback_window: the training cost the feedback measures is the rate over the newest sampling
+                rounds that cover at least this many env steps (each round still moves the offset by its own
+                steps' weight); default None: the round just sampled. Where the exploring policy's cost swings
+                from one round to the next by more than the offset, the offset sits at 0 through each low half and
+                the integral loses it, so the mean cost settles above the target; over a window that spans a
+                swing the error is the swing's mean (``rllib_cvpo.cvpo.feedback``).
             episode_len: T, the episode length used to turn d into the per-step Q_c threshold
                 eps_c = d (1 - gamma^T) / ((1 - gamma) T); default None: the env's time limit.
             estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.02 [FSRL],
@@ -459,6 +467,11 @@ class CVPOConfig(AlgorithmConfig):
         number("cost_limit_anneal_steps", 0)
         number("cost_feedback_gain", 0)
         number("cost_feedback_margin", 0, 1)
+        if self.cost_feedback_window is not None and (isinstance(self.cost_feedback_window, bool)
+                                                      or not isinstance(self.cost_feedback_window, int)
+                                                      or self.cost_feedback_window < 1):
+            errors.append(f"cost_feedback_window must be None (the round just sampled) or an integer number of env "
+                          f"steps >= 1, got {self.cost_feedback_window!r}")
         if self.cost_feedback_source not in FEEDBACK_SOURCES:
             errors.append(f"cost_feedback_source must be one of {', '.join(map(repr, FEEDBACK_SOURCES))}, got "
                           f"{self.cost_feedback_source!r}")
@@ -565,6 +578,7 @@ class CVPO(Algorithm):
         self._update_credit = 0.0
         self._cost_offset = np.zeros(len(config.cost_keys))  # the cost feedback's offsets o (episodic cost units)
         self._lambda_at_bound: Optional[np.ndarray] = None  # per constraint, over the last round's updates
+        self._feedback_rounds: List[tuple] = []  # (env steps, summed costs) of the rounds in the feedback's window
         self._evaluation_costs: Optional[list] = None  # each constraint's mean episodic cost in the last evaluation
 
     @override(Algorithm)
@@ -599,9 +613,16 @@ class CVPO(Algorithm):
             hold = None
             if cfg.cost_feedback_antiwindup and self._lambda_at_bound is not None:
                 hold = self._lambda_at_bound >= ANTIWINDUP_AT_BOUND
-            self._cost_offset = update_offset(self._cost_offset, sampled_costs, sampled, limits,
+            measured_steps, measured_costs = sampled, sampled_costs
+            if cfg.cost_feedback_window:
+                self._feedback_rounds = window_rounds(self._feedback_rounds, sampled, sampled_costs,
+                                                      cfg.cost_feedback_window)
+                measured_steps = sum(steps for steps, _ in self._feedback_rounds)
+                measured_costs = np.sum([costs for _, costs in self._feedback_rounds], axis=0)
+            self._cost_offset = update_offset(self._cost_offset, measured_costs, measured_steps, limits,
                                               cfg.horizon, cfg.cost_feedback_gain, cfg.cost_feedback_margin,
-                                              cfg.cost_feedback_source, self._evaluation_costs, hold)
+                                              cfg.cost_feedback_source, self._evaluation_costs, hold,
+                                              weight_steps=sampled)
             for key, offset in zip(cfg.cost_keys, self._cost_offset):
                 self.metrics.log_value((COST_FEEDBACK, key), float(offset), window=1)
         self._update_credit += sampled * cfg.updates_per_env_step
@@ -851,7 +872,8 @@ class CVPO(Algorithm):
                                    "shard_sizes": list(self._shard_sizes)}
         if self._check_component(COST_FEEDBACK, components, not_components):
             state[COST_FEEDBACK] = {"offset": self._cost_offset.copy(), "evaluation_costs": self._evaluation_costs,
-                                    "lambda_at_bound": self._lambda_at_bound}
+                                    "lambda_at_bound": self._lambda_at_bound,
+                                    "window": [(steps, np.array(costs)) for steps, costs in self._feedback_rounds]}
         return state
 
     @override(Algorithm)
@@ -873,6 +895,8 @@ class CVPO(Algorithm):
             self._cost_offset = np.array(state[COST_FEEDBACK]["offset"], np.float64)
             self._evaluation_costs = state[COST_FEEDBACK].get("evaluation_costs")
             self._lambda_at_bound = state[COST_FEEDBACK].get("lambda_at_bound")  # the anti-windup's last reading
+            self._feedback_rounds = [(int(steps), np.array(costs, np.float64))
+                                     for steps, costs in state[COST_FEEDBACK].get("window", [])]
 
 
 # Functions the algorithm runs on its learners (module level: remote learners import them by name).

@@ -18,6 +18,13 @@ same amount in Q_c units, and may go below 0 where the critic's bias needs it):
 The gain is per episode's worth of experience, independent of how the sampling is chunked; the margin m puts the
 target below the limit.
 
+With ``cost_feedback_window`` W, J_i is the rate over the newest rounds that cover at least W env steps (the round
+just sampled included), while each round's step keeps its own weight (its steps / T). Why: where the exploring
+policy's cost swings between rounds by more than the offset (on SafetyPointCircle1-v0 from 0 to 30-100 per episode
+from one iteration to the next), the offset is clipped at 0 in every low half and the integral forgets the high
+one, so the mean cost settles above the target however long the run; over a window spanning a swing the error is
+the swing's mean, the offset settles where that mean is on target. A window longer than a swing only adds delay.
+
 With ``cost_feedback_antiwindup``, o_i does not grow while the E-step's lambda_i sat at its bound in at least half of
 the last round's updates (it may still shrink): the threshold is then already below what the E-step can reach
 inside its KL trust region, so lowering it further changes no update now, and only has to be unwound later, while
@@ -35,7 +42,7 @@ relaxes back to the critic's own threshold, never past it, while under.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,16 +57,18 @@ SOURCES = ("training", "evaluation", "both")
 def update_offset(offset: np.ndarray, step_costs: Sequence[float], steps: int, limits: Sequence[float],
                   horizon: int, gain: float, margin: float, source: str = "training",
                   evaluation_costs: Optional[Sequence[float]] = None,
-                  hold: Optional[Sequence[bool]] = None) -> np.ndarray:
+                  hold: Optional[Sequence[bool]] = None, weight_steps: Optional[int] = None) -> np.ndarray:
     """One integral step of the offsets o (see the module docstring), weighted by the ``steps`` env steps just
-    sampled. ``step_costs``: the summed cost of each constraint over those steps; ``evaluation_costs``: each
+    sampled (``weight_steps``, when the measurement covers more than the new steps: a window). ``step_costs``: the
+    summed cost of each constraint over the ``steps`` measured; ``evaluation_costs``: each
     constraint's mean episodic cost in the last evaluation (None: none yet, and then "evaluation" makes no step and
     "both" uses the training error alone). ``hold``: per constraint, True where the offset must not grow this step
     (it may still shrink): conditional-integration anti-windup, see ``CVPOConfig.cost_feedback_antiwindup``."""
     offset = np.asarray(offset, np.float64)
+    weight_steps = steps if weight_steps is None else weight_steps
     if source not in SOURCES:
         raise ValueError(f"cost feedback source must be one of {SOURCES}, got {source!r}")
-    if steps <= 0 or gain <= 0:
+    if steps <= 0 or weight_steps <= 0 or gain <= 0:
         return offset.copy()
     limits = np.asarray(limits, np.float64)
     scale = np.maximum(limits, 1.0)
@@ -74,4 +83,14 @@ def update_offset(offset: np.ndarray, step_costs: Sequence[float], steps: int, l
     error = np.clip(np.max(errors, axis=0), -scale, scale)
     if hold is not None:
         error = np.where(np.asarray(hold, bool), np.minimum(error, 0.0), error)
-    return np.clip(offset + gain * (steps / horizon) * error, 0.0, OFFSET_MAX * scale)
+    return np.clip(offset + gain * (weight_steps / horizon) * error, 0.0, OFFSET_MAX * scale)
+
+
+def window_rounds(rounds: List[Tuple[int, np.ndarray]], steps: int, costs: Sequence[float],
+                  window: int) -> List[Tuple[int, np.ndarray]]:
+    """The feedback's window after a round of ``steps`` env steps with summed ``costs`` per constraint: the newest
+    rounds (oldest first) that cover at least ``window`` steps, or all of them while they cover fewer."""
+    rounds = [*rounds, (int(steps), np.asarray(costs, np.float64))]
+    while len(rounds) > 1 and sum(s for s, _ in rounds[1:]) >= window:
+        rounds.pop(0)
+    return rounds
