@@ -212,8 +212,8 @@ class CVPOConfig(AlgorithmConfig):
             cost_feedback_window: the training cost the feedback measures is the rate over the newest sampling
                 rounds that cover at least this many env steps (each round still moves the offset by its own
                 steps' weight); default None: the round just sampled. Where the exploring policy's cost swings
-                from one round to the next by more than the offset, the offset sits at 0 through each low half and
-                the integral loses it, so the mean cost settles above the target; over a window that spans a
+                from one round to the next, the high rounds' errors are cut at max(d, 1) and the integral sees a
+                fraction of the excess, so the mean cost settles above the target; over a window that spans a
                 swing the error is the swing's mean (``rllib_cvpo.cvpo.feedback``).
             episode_len: T, the episode length used to turn d into the per-step Q_c threshold
                 eps_c = d (1 - gamma^T) / ((1 - gamma) T); default None: the env's time limit.
