@@ -87,10 +87,11 @@ def test_target_critics_no_grad_path_equals_the_autograd_path():
     """Targets are evaluated by the no-grad path (per-member matmuls into reused buffers); its values equal the
     training forward's, call after call (the buffers are reused, the result is not), and after the parameters
     change in place or are replaced."""
-    from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import CriticEnsemble
+    from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import ACTIVATIONS, CriticEnsemble
 
     torch.manual_seed(0)
-    for activation in ("relu", "tanh", "elu", "silu"):
+    assert set(ACTIVATIONS) == {"relu", "leaky_relu", "tanh", "elu", "silu"}
+    for activation in ACTIVATIONS:
         critics = CriticEnsemble(3, 7 + 2, [16, 24, 8], activation)
         obs, actions = torch.randn(10, 7), torch.rand(10, 2) * 2 - 1
         expected = critics(obs, actions).detach()

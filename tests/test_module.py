@@ -50,3 +50,15 @@ def test_init_std_sets_the_policys_starting_std_for_every_state_and_is_validated
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="init_std"):
             small_config(init_std=bad).validate()
+
+
+def test_critic_activation_sets_every_critics_hidden_activation_and_leaves_the_policys():
+    module = _policy_module(small_config(critic_activation="leaky_relu").model_config)
+    critic_acts = {type(m) for m in module.critics.net if not hasattr(m, "weight")}
+    policy_acts = {type(m) for m in module.pi if not hasattr(m, "weight")}
+    assert critic_acts == {torch.nn.LeakyReLU} and policy_acts == {torch.nn.ReLU}
+    assert module.critics.activation == "leaky_relu"
+    default = _policy_module(small_config().model_config)
+    assert {type(m) for m in default.critics.net if not hasattr(m, "weight")} == {torch.nn.ReLU}
+    with pytest.raises(ValueError, match="critic_activation must be None .* got 'gelu'"):
+        small_config(critic_activation="gelu").validate()

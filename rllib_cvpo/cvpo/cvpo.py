@@ -101,6 +101,7 @@ class CVPOConfig(AlgorithmConfig):
         self.init_std = None
         # Critics and replay.
         self.critic_lr = 1e-3
+        self.critic_activation: Optional[str] = None
         self.tau = 0.05
         self.twin_q = True
         self.estep_twin_min = True
@@ -170,6 +171,7 @@ class CVPOConfig(AlgorithmConfig):
         pi_old_sync=NotProvided,
         init_std=NotProvided,
         critic_lr=NotProvided,
+        critic_activation=NotProvided,
         tau=NotProvided,
         twin_q=NotProvided,
         estep_twin_min=NotProvided,
@@ -261,6 +263,13 @@ class CVPOConfig(AlgorithmConfig):
             estep_twin_min: with twin_q, the E-step's Q_r on its B*N sampled actions is the minimum of both target
                 reward critics (default True, [ORIG]); False: the first alone, one critic evaluation fewer on the
                 update's largest matmuls, while the TD targets keep the minimum.
+            critic_activation: the hidden activation of every critic (reward and cost), one of
+                ``cvpo_torch_rl_module.ACTIVATIONS``; default None: ``model_config["fcnet_activation"]`` (ReLU),
+                as the policy. A cost critic trained on the all-zero costs of a task's first steps can lose its
+                ReLU units for good (Adam's normalised steps push them below zero for every input, and a dead unit
+                gets no gradient back): on SafetyHalfCheetahVelocity-v1 the cost critic kept 3-22% of its second
+                layer's units, and on one run none, its Q_c then a constant (docs/benchmarks.md section 5).
+                "leaky_relu" keeps a gradient below zero.
             twin_qc: two cost critics per constraint, using their maximum: a pessimistic cost estimate against the
                 off-policy underestimation of cost (default False [ours]).
             qc_ensemble: E_c, cost critic heads per constraint, each trained on its own TD target (default 1;
@@ -404,7 +413,8 @@ class CVPOConfig(AlgorithmConfig):
                                                        "num_cost_critics": len(self.cost_keys),
                                                        "qc_ensemble": self.qc_ensemble,
                                                        "qc_pessimism": self.qc_pessimism,
-                                                       "init_std": self.init_std}
+                                                       "init_std": self.init_std,
+                                                       "critic_activation": self.critic_activation}
 
     @override(AlgorithmConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
@@ -546,6 +556,9 @@ class CVPOConfig(AlgorithmConfig):
         activation = (self._model_config or {}).get("fcnet_activation", "relu")
         if activation not in ACTIVATIONS:
             errors.append(f"model_config.fcnet_activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if self.critic_activation is not None and self.critic_activation not in ACTIVATIONS:
+            errors.append(f"critic_activation must be None (model_config's fcnet_activation) or one of "
+                          f"{', '.join(ACTIVATIONS)}, got {self.critic_activation!r}")
         if self.lr is not None:
             errors.append(f"lr is not used by CVPO (set actor_lr and critic_lr), got {self.lr!r}")
         if errors:

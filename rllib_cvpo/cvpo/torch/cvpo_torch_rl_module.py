@@ -18,9 +18,10 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.numpy import MAX_LOG_NN_OUTPUT, MIN_LOG_NN_OUTPUT
 from torch import nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
 # The same activations applied in place, for the critics' no-grad evaluation.
-INPLACE_ACTIVATIONS = {"relu": torch.relu_, "tanh": torch.tanh_, "elu": nn.functional.elu_,
+INPLACE_ACTIVATIONS = {"relu": torch.relu_, "leaky_relu": nn.functional.leaky_relu_, "tanh": torch.tanh_,
+                       "elu": nn.functional.elu_,
                        "silu": lambda x: nn.functional.silu(x, inplace=True)}
 # Rows (state-action pairs) in one chunk of CriticEnsemble.forward_sampled on CPU. Measured on this project's 2-core
 # VM (Xeon, AVX-512) at B 256 and E 3: 1024 rows were fastest at hidden 128 (N 16 and 32) and 256 (N 16), against
@@ -170,7 +171,8 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
     ``critics`` = [reward Q (1, or 2 with twin_q), cost Q (one per constraint)], their Polyak targets
     ``target_critics`` and the Polyak-averaged old policy ``pi_old`` that the E-step samples from.
 
-    model_config keys: ``fcnet_hiddens`` (default [256, 256]), ``fcnet_activation`` ("relu"), ``twin_q`` (True),
+    model_config keys: ``fcnet_hiddens`` (default [256, 256]), ``fcnet_activation`` ("relu"), ``critic_activation``
+    (None: the critics' hidden activation, fcnet_activation's by default), ``twin_q`` (True),
     ``num_cost_critics`` (m, 1), ``qc_ensemble`` (E_c, 1: cost heads per constraint), ``qc_pessimism`` (k, 0: the
     combined Q_c is mean + k std over the E_c heads, CAL's upper confidence bound) and ``twin_qc`` (False: with
     True, two heads per constraint and their maximum, the pessimistic mirror of the twin reward critics' minimum).
@@ -202,7 +204,8 @@ class CVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI):
                 self.pi[-1].bias[self.act_dim:].fill_(math.log(float(init_std)))
         if not self.inference_only:
             self.critics = CriticEnsemble(
-                self.num_reward_critics + self.num_cost_heads, self.obs_dim + self.act_dim, hiddens, activation
+                self.num_reward_critics + self.num_cost_heads, self.obs_dim + self.act_dim, hiddens,
+                cfg.get("critic_activation") or activation,
             )
 
     def policy(self, obs: torch.Tensor, net: nn.Module | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
