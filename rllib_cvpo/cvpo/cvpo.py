@@ -265,10 +265,10 @@ class CVPOConfig(AlgorithmConfig):
                 update's largest matmuls, while the TD targets keep the minimum.
             critic_activation: the hidden activation of every critic (reward and cost), one of
                 ``cvpo_torch_rl_module.ACTIVATIONS``; default None: ``model_config["fcnet_activation"]`` (ReLU),
-                as the policy. A cost critic trained on the all-zero costs of a task's first steps can lose its
-                ReLU units for good (Adam's normalised steps push them below zero for every input, and a dead unit
-                gets no gradient back): on SafetyHalfCheetahVelocity-v1 the cost critic kept 3-22% of its second
-                layer's units, and on one run none, its Q_c then a constant (docs/benchmarks.md section 5).
+                as the policy. A ReLU unit below zero on every input gets no gradient back and stays dead: on
+                SafetyHalfCheetahVelocity-v1, whose first 50-70k env steps cost nothing, the cost critic kept 3-22%
+                of its second layer's units, and on one run none, its Q_c then a constant (docs/benchmarks.md
+                section 5).
                 "leaky_relu" keeps a gradient below zero.
             twin_qc: two cost critics per constraint, using their maximum: a pessimistic cost estimate against the
                 off-policy underestimation of cost (default False [ours]).
