@@ -268,8 +268,7 @@ class CVPOConfig(AlgorithmConfig):
                 as the policy. A ReLU unit below zero on every input gets no gradient back and stays dead: on
                 SafetyHalfCheetahVelocity-v1, whose first 50-70k env steps cost nothing, the cost critic kept 3-22%
                 of its second layer's units, and on one run none, its Q_c then a constant (docs/benchmarks.md
-                section 5).
-                "leaky_relu" keeps a gradient below zero.
+                section 5). "leaky_relu" keeps a gradient below zero.
             twin_qc: two cost critics per constraint, using their maximum: a pessimistic cost estimate against the
                 off-policy underestimation of cost (default False [ours]).
             qc_ensemble: E_c, cost critic heads per constraint, each trained on its own TD target (default 1;

@@ -24,7 +24,9 @@ policy's cost swings between rounds by more than the offset (on SafetyPointCircl
 from one iteration to the next), the high rounds' errors are cut to +D while the low ones count in full, and the
 offset falls back to 0 in the low halves: the integral sees a fraction of the excess (SafetyPointCircle1-v0, gain
 0.05, seed 1: per iteration +2.1 of +5.9), and the mean cost settles above the target. Over a window spanning a
-swing the error is the swing's mean. A window longer than a swing only adds delay.
+swing the error is the swing's mean. But the window delays the error by about half its length: on Circle a window
+of 10,000 env steps made the offset swing between 0 and 50 over 5-10 iterations, and the run did worse on every
+count (docs/benchmarks.md section 5), so it is off by default.
 
 With ``cost_feedback_antiwindup``, o_i does not grow while the E-step's lambda_i sat at its bound in at least half of
 the last round's updates (it may still shrink): the threshold is then already below what the E-step can reach
