@@ -64,10 +64,13 @@ def rate_thresholds(qc, thresholds: Sequence[float], rate: float, reduce: Reduce
     shrinks by kappa; as pi settles, q stays near pi_old and m near eps_c, the same fixed point as kappa = 1.
     Measured on Circle (docs/benchmarks.md section 5): the alternation ends, but the cost's swings, which come from
     the policy crossing the edge of the safe region, do not; kappa stays 1 by default."""
-    qc = _as_float64(qc, contiguous=False)
     if qc.ndim == 2:
         qc = qc[..., None]
-    local = np.concatenate([qc.sum(axis=(0, 1)), [qc.shape[0] * qc.shape[1]]])
+    if isinstance(qc, torch.Tensor):  # summed in float64 where it lies, without a float64 copy of the batch
+        sums = qc.detach().sum(dim=(0, 1), dtype=torch.float64).cpu().numpy()
+    else:
+        sums = np.asarray(qc, np.float64).sum(axis=(0, 1))
+    local = np.concatenate([sums, [qc.shape[0] * qc.shape[1]]])
     total = reduce(local)
     mean = total[:-1] / total[-1]
     return [float(m + rate * (t - m)) for m, t in zip(mean, thresholds)]
