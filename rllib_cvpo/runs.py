@@ -156,6 +156,15 @@ def collect_curves(run_dirs: List[str | Path]) -> Dict[str, Dict[str, "object"]]
     return out
 
 
+def run_label(run_dir: str | Path) -> str:
+    """The name a run goes by in a plot's legend: its directory's, or for one trial of a sweep (Tune's long
+    per-trial directory, e.g. one seed picked out of several) the sweep's name."""
+    path = Path(run_dir).resolve()
+    if (path / "result.json").is_file() and any(path.parent.glob("experiment_state*.json")):
+        return path.parent.name
+    return path.name
+
+
 def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] = None,
               cost_limit: Optional[float] = None, baseline: Optional[List[str | Path]] = None) -> Path:
     """Return and cost against env steps for one or several runs (e.g. seeds): the mean line and the min-max band
@@ -183,7 +192,7 @@ def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] 
             elif by_limit:
                 group = f"limit {curves['cost_limit']:g}: "
             else:
-                group = f"{Path(dirs[0]).resolve().name}: "
+                group = f"{run_label(dirs[0])}: "
             for (prefix, style), color in zip((("eval_", "-"), ("episode_", ":")), colors):
                 c = curves.get(prefix + metric)
                 if c is None:

@@ -146,6 +146,25 @@ SWEEP = sweep_yaml("interrupted", 2000, tail="resources: {env_runners: 0}\nmax_c
 
 
 @pytest.mark.slow
+def test_plot_legend_names_a_sweeps_trial_by_its_sweep(tmp_path):
+    # One seed picked out of a sweep is one of Tune's trial directories (long, per trial); a plot's legend names it
+    # by the sweep, and any other run by its own directory.
+    from rllib_cvpo.runs import run_label
+
+    sweep = tmp_path / "circle_leaky"
+    trial = sweep / "CVPO_SafetyPointCircle1-v0_1b69b_00001_1_cost_limit=25,seed=0_2026-12-05_02-59-59"
+    trial.mkdir(parents=True)
+    (trial / "result.json").write_text("")
+    assert run_label(trial) == "CVPO_SafetyPointCircle1-v0_1b69b_00001_1_cost_limit=25,seed=0_2026-12-05_02-59-59"
+    (sweep / "experiment_state-2026-12-05_02-03-47.json").write_text("{}")
+    assert run_label(trial) == "circle_leaky"
+    assert run_label(sweep) == "circle_leaky"
+    single = tmp_path / "my_run"
+    (single / "result.json").parent.mkdir()
+    (single / "result.json").write_text("")
+    assert run_label(single) == "my_run"
+
+
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, tmp_path):
     """Three trials one at a time, interrupted while the second runs: on resume the first (finished) is not run
     again, the second continues from its checkpoint, and the third (not started) runs whole with its configuration
