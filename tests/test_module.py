@@ -58,7 +58,9 @@ def test_critic_activation_sets_every_critics_hidden_activation_and_leaves_the_p
     policy_acts = {type(m) for m in module.pi if not hasattr(m, "weight")}
     assert critic_acts == {torch.nn.LeakyReLU} and policy_acts == {torch.nn.ReLU}
     assert module.critics.activation == "leaky_relu"
-    default = _policy_module(small_config().model_config)
-    assert {type(m) for m in default.critics.net if not hasattr(m, "weight")} == {torch.nn.ReLU}
+    default = _policy_module(small_config().model_config)  # the default: leaky critics
+    assert {type(m) for m in default.critics.net if not hasattr(m, "weight")} == {torch.nn.LeakyReLU}
+    relu = _policy_module(small_config(critic_activation=None).model_config)  # None: fcnet_activation, as the policy
+    assert {type(m) for m in relu.critics.net if not hasattr(m, "weight")} == {torch.nn.ReLU}
     with pytest.raises(ValueError, match="critic_activation must be None .* got 'gelu'"):
         small_config(critic_activation="gelu").validate()

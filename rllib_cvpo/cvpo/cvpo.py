@@ -101,7 +101,7 @@ class CVPOConfig(AlgorithmConfig):
         self.init_std = None
         # Critics and replay.
         self.critic_lr = 1e-3
-        self.critic_activation: Optional[str] = None
+        self.critic_activation: Optional[str] = "leaky_relu"
         self.tau = 0.05
         self.twin_q = True
         self.estep_twin_min = True
@@ -264,11 +264,12 @@ class CVPOConfig(AlgorithmConfig):
                 reward critics (default True, [ORIG]); False: the first alone, one critic evaluation fewer on the
                 update's largest matmuls, while the TD targets keep the minimum.
             critic_activation: the hidden activation of every critic (reward and cost), one of
-                ``cvpo_torch_rl_module.ACTIVATIONS``; default None: ``model_config["fcnet_activation"]`` (ReLU),
-                as the policy. A ReLU unit below zero on every input gets no gradient back and stays dead: on
-                SafetyHalfCheetahVelocity-v1, whose first 50-70k env steps cost nothing, the cost critic kept 3-22%
-                of its second layer's units, and on one run none, its Q_c then a constant (docs/benchmarks.md
-                section 5). "leaky_relu" keeps a gradient below zero.
+                ``cvpo_torch_rl_module.ACTIVATIONS``, or None: ``model_config["fcnet_activation"]`` (ReLU), as the
+                policy. Default "leaky_relu", which keeps a gradient below zero: a ReLU unit below zero on every
+                input gets none back and stays dead, and on SafetyHalfCheetahVelocity-v1, whose first 50-70k env
+                steps cost nothing, the ReLU cost critic kept 3-22% of its second layer's units, and on one run
+                none, its Q_c then a constant and the constraint lost (docs/benchmarks.md section 5). Leaky critics
+                held every cost bar on SafetyPointCircle1 and HalfCheetah-velocity over 3 seeds as ReLU ones did.
             twin_qc: two cost critics per constraint, using their maximum: a pessimistic cost estimate against the
                 off-policy underestimation of cost (default False [ours]).
             qc_ensemble: E_c, cost critic heads per constraint, each trained on its own TD target (default 1;
@@ -346,6 +347,7 @@ class CVPOConfig(AlgorithmConfig):
             kl_std=0.0005, actor_lr=5e-4, critic_lr=1e-3, tau=0.05, twin_q=False, n_step=3, pi_old_sync="round",
             lambda_max=20.0, replay_capacity=200_000, updates_per_env_step=0.2,
             num_steps_sampled_before_learning_starts=0, qc_nonnegative=False, cost_feedback_gain=0.0,
+            critic_activation=None,
         )
         self.evaluation(evaluation_duration=2)
         return self.rl_module(model_config={"fcnet_hiddens": [128, 128], "fcnet_activation": "relu"})
@@ -362,7 +364,7 @@ class CVPOConfig(AlgorithmConfig):
             alpha_std_max=10.0, actor_lr=0.002, actor_grad_clip=0.01, critic_lr=1e-3, tau=0.005, tau_policy=0.005,
             eta_init=0.1, lambda_init=0.1, eta_max=1e5, lambda_max=1e5, replay_capacity=80_000, twin_q=True,
             estep_twin_min=True, updates_per_env_step=0.133, num_steps_sampled_before_learning_starts=4000, n_step=1,
-            pi_old_sync="polyak", qc_nonnegative=False, cost_feedback_gain=0.0,
+            pi_old_sync="polyak", qc_nonnegative=False, cost_feedback_gain=0.0, critic_activation=None,
         )
         return self.rl_module(model_config={"fcnet_hiddens": [256, 256], "fcnet_activation": "relu"})
 
