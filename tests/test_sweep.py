@@ -145,7 +145,6 @@ SWEEP = sweep_yaml("interrupted", 2000, tail="resources: {env_runners: 0}\nmax_c
     "cost_limit: {grid: [15, 30]}", "cost_limit: {grid: [15, 30, 45]}")
 
 
-@pytest.mark.slow
 def test_plot_legend_names_a_sweeps_trial_by_its_sweep(tmp_path):
     # One seed picked out of a sweep is one of Tune's trial directories (long, per trial); a plot's legend names it
     # by the sweep, and any other run by its own directory.
@@ -165,6 +164,7 @@ def test_plot_legend_names_a_sweeps_trial_by_its_sweep(tmp_path):
     assert run_label(single) == "my_run"
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, tmp_path):
     """Three trials one at a time, interrupted while the second runs: on resume the first (finished) is not run
     again, the second continues from its checkpoint, and the third (not started) runs whole with its configuration
