@@ -165,6 +165,34 @@ def run_label(run_dir: str | Path) -> str:
     return path.name
 
 
+def run_seeds(run_dirs: List[str | Path]) -> List[int]:
+    """The seeds of the trials under ``run_dirs`` (each trial's ``params.json``), sorted; trials without one are
+    left out."""
+    seeds = set()
+    for run in run_dirs:
+        for trial in trial_dirs(run):
+            try:
+                seed = json.loads((trial / "params.json").read_text()).get("seed")
+            except (OSError, ValueError):
+                continue
+            if isinstance(seed, int):
+                seeds.add(seed)
+    return sorted(seeds)
+
+
+def group_labels(groups: List[List[str | Path]]) -> List[str]:
+    """The legend's name for each group of runs: its first directory's :func:`run_label`; where two groups would get
+    the same name (e.g. two sets of seeds picked out of one sweep) each of those also names its seeds."""
+    names = [run_label(dirs[0]) for dirs in groups]
+    labels = list(names)
+    for i, label in enumerate(names):
+        if names.count(label) > 1:
+            seeds = run_seeds(groups[i])
+            if seeds:
+                labels[i] = f"{label} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+    return labels
+
+
 def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] = None,
               cost_limit: Optional[float] = None, baseline: Optional[List[str | Path]] = None) -> Path:
     """Return and cost against env steps for one or several runs (e.g. seeds): the mean line and the min-max band
@@ -184,15 +212,16 @@ def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] 
     limit = cost_limit if cost_limit is not None else groups[0][0]["cost_limit"]
     # Groups are told apart by their cost limits, or by their directory names where the limits are the same.
     by_limit = len({g[0]["cost_limit"] for g in groups}) == len(groups)
+    names = group_labels([dirs for _, _, dirs in groups])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (metric, label) in zip(axes, (("return", "episode return"), ("cost", "episode cost"))):
-        for curves, colors, dirs in groups:
+        for (curves, colors, dirs), group_name in zip(groups, names):
             if not baseline:
                 group = ""
             elif by_limit:
                 group = f"limit {curves['cost_limit']:g}: "
             else:
-                group = f"{run_label(dirs[0])}: "
+                group = f"{group_name}: "
             for (prefix, style), color in zip((("eval_", "-"), ("episode_", ":")), colors):
                 c = curves.get(prefix + metric)
                 if c is None:

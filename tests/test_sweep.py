@@ -164,6 +164,27 @@ def test_plot_legend_names_a_sweeps_trial_by_its_sweep(tmp_path):
     assert run_label(single) == "my_run"
 
 
+def test_plot_legend_tells_apart_two_groups_of_one_sweep_by_their_seeds(tmp_path):
+    # Seed 0 of a sweep against its seeds 1 and 2: both groups are the sweep's trials, so the sweep's name alone
+    # would name both; each names its seeds. A group whose name is its own keeps it as it is.
+    from rllib_cvpo.runs import group_labels
+
+    sweep = tmp_path / "circle_leaky"
+    trials = []
+    for seed in (0, 1, 2):
+        trial = sweep / f"CVPO_SafetyPointCircle1-v0_1b69b_0000{seed}_{seed}_cost_limit=25,seed={seed}_2026-12-05_02-59-59"
+        trial.mkdir(parents=True)
+        (trial / "result.json").write_text("")
+        (trial / "params.json").write_text(json.dumps({"seed": seed, "cost_limit": 25}))
+        trials.append(trial)
+    (sweep / "experiment_state-2026-12-05_02-03-47.json").write_text("{}")
+    lifted = tmp_path / "circle_lifted"
+    (lifted / "result.json").parent.mkdir()
+    (lifted / "result.json").write_text("")
+    assert group_labels([[trials[0]], trials[1:]]) == ["circle_leaky (seed 0)", "circle_leaky (seeds 1, 2)"]
+    assert group_labels([trials, [lifted]]) == ["circle_leaky", "circle_lifted"]
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, tmp_path):
     """Three trials one at a time, interrupted while the second runs: on resume the first (finished) is not run
