@@ -7,9 +7,13 @@ at that point (its cost feedback's offset included). It prints
 - the reach of the KL ball: how far q can move the batch's mean Q_c at eps (reward-greedy, lambda 0, and
   cost-greedy, lambda at its bound);
 - for each estep_constraint_rate kappa, the share of batches whose exact dual is slack (lambda 0), interior, or at
-  lambda's bound (infeasible).
+  lambda's bound (infeasible);
+- with --hazard-lidar (a navigation task's hazard lidar, e.g. 28:44 for SafetyPointGoal1-v0, whose lidar reads
+  1 - d / 3 of the nearest hazard in each bin), the same within-state spreads split by the nearest hazard's distance:
+  where no hazard is near, an action changes the cost-to-go little, and a large Q_c spread there is the critic's.
 
     .venv/bin/python benchmarks/learning/estep_reach.py RUN_DIR/checkpoint_000053 [--batches 200] [--rates 1 0.1 0.05 0.02]
+    .venv/bin/python benchmarks/learning/estep_reach.py RUN_DIR/checkpoint_000035 --hazard-lidar 28:44
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1, 0.05, 0.02])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hazard-lidar", default=None, metavar="START:END",
+                        help="observation columns of the hazard lidar (max_dist 3): spreads by the nearest hazard")
     args = parser.parse_args()
     for checkpoint in args.checkpoints:
         config, module, replay_obs, offset = load(checkpoint)
@@ -102,6 +108,29 @@ def main() -> None:
         for rate, c in counts.items():
             print(f"  kappa {rate:<5g}: slack {c[0] / args.batches:5.0%}  interior {c[1] / args.batches:5.0%}  "
                   f"at the bound {c[2] / args.batches:5.0%}")
+        if args.hazard_lidar:
+            spreads_by_hazard(module, config, replay_obs, args.hazard_lidar, args.batches * b, args.seed)
+
+
+def spreads_by_hazard(module, config, replay_obs, columns: str, states: int, seed: int) -> None:
+    """Within-state sd of Q_r (twin minimum) and Q_c over N actions from pi_old, by the nearest hazard's distance."""
+    start, end = (int(x) for x in columns.split(":"))
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    obs = torch.as_tensor(replay_obs[rng.integers(0, len(replay_obs), states)], dtype=torch.float32)
+    n = config.num_action_samples
+    with torch.no_grad():
+        mean, std = module.policy(obs, module.pi_old)
+        u = mean + std * torch.randn(n, *mean.shape, generator=gen)
+        qr, qc = module.q_values_sampled(obs, torch.tanh(u), target=True)
+    qr = qr.min(0).values.reshape(n, states).t()
+    qc = qc.reshape(-1, n, states)[0].t()
+    nearest = 3.0 * (1.0 - obs[:, start:end].max(1).values)  # lidar 1 - d / max_dist, max_dist 3
+    print("  by the nearest hazard (distance from its centre; hazards have radius 0.2):")
+    for name, m in (("within 0.5", nearest < 0.5), ("0.5 to 1.5", (nearest >= 0.5) & (nearest < 1.5)),
+                    ("beyond 1.5", nearest >= 1.5)):
+        if m.any():
+            print(f"    {name:10s} {float(m.float().mean()):6.1%} of states: Q_r sd {float(qr.std(1)[m].mean()):.4f}, "
+                  f"Q_c sd {float(qc.std(1)[m].mean()):.4f}, mean Q_c {float(qc[m].mean()):.3f}")
 
 
 if __name__ == "__main__":
