@@ -198,7 +198,7 @@ def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] 
     """Return and cost against env steps for one or several runs (e.g. seeds): the mean line and the min-max band
     across runs, evaluation (deterministic) and training episodes, the cost limit dashed. ``baseline``: other runs
     drawn beside them in grey (e.g. the same budget with the limit lifted), each group labelled by its cost limit
-    (by its first directory's name where both have the same limit).
+    (by :func:`group_labels` where both have the same limit).
     Returns the PNG path."""
     import matplotlib
 
