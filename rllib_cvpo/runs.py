@@ -210,7 +210,7 @@ def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] 
     if baseline:
         groups.append((collect_curves(baseline), ("dimgray", "darkgray"), baseline))
     limit = cost_limit if cost_limit is not None else groups[0][0]["cost_limit"]
-    # Groups are told apart by their cost limits, or by their directory names where the limits are the same.
+    # Groups are told apart by their cost limits, or where the limits are the same by group_labels (names, then seeds).
     by_limit = len({g[0]["cost_limit"] for g in groups}) == len(groups)
     names = group_labels([dirs for _, _, dirs in groups])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
