@@ -48,6 +48,17 @@ def load(checkpoint: str):
     return config, module, obs, offset
 
 
+def sampled_q(module, obs: torch.Tensor, n: int, gen: torch.Generator):
+    """The E-step's view of a batch: N actions per state from pi_old, the target critics' Q_r (twin minimum)
+    ``[B, N]`` and Q_c ``[B, N, m]``, in float64."""
+    b = obs.shape[0]
+    with torch.no_grad():
+        mean, std = module.policy(obs, module.pi_old)
+        u = mean + std * torch.randn(n, *mean.shape, generator=gen)
+        qr, qc = module.q_values_sampled(obs, torch.tanh(u), target=True)
+    return qr.min(0).values.reshape(n, b).t().double(), qc.reshape(-1, n, b).permute(2, 1, 0).double()
+
+
 def kl_ball_eta(z: torch.Tensor, eps: float) -> float:
     """eta at which softmax(z / eta) over each state's N samples has mean KL eps to uniform (bisection)."""
     n = z.shape[1]
@@ -78,12 +89,7 @@ def main() -> None:
         spreads, means, reach, counts = [], [], [], {r: np.zeros(3, int) for r in args.rates}
         for _ in range(args.batches):
             obs = torch.as_tensor(replay_obs[rng.integers(0, len(replay_obs), b)], dtype=torch.float32)
-            with torch.no_grad():
-                mean, std = module.policy(obs, module.pi_old)
-                u = mean + std * torch.randn(n, *mean.shape, generator=gen)
-                qr, qc = module.q_values_sampled(obs, torch.tanh(u), target=True)
-            qr = qr.min(0).values.reshape(n, b).t().double()
-            qc = qc.reshape(-1, n, b).permute(2, 1, 0).double()  # [B, N, m]
+            qr, qc = sampled_q(module, obs, n, gen)
             spreads.append((float(qr.std(1).mean()), float(qc[..., 0].std(1).mean())))
             means.append(float(qc[..., 0].mean()))
             base = float(qc[..., 0].mean())
@@ -117,13 +123,8 @@ def spreads_by_hazard(module, config, replay_obs, columns: str, states: int, see
     start, end = (int(x) for x in columns.split(":"))
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     obs = torch.as_tensor(replay_obs[rng.integers(0, len(replay_obs), states)], dtype=torch.float32)
-    n = config.num_action_samples
-    with torch.no_grad():
-        mean, std = module.policy(obs, module.pi_old)
-        u = mean + std * torch.randn(n, *mean.shape, generator=gen)
-        qr, qc = module.q_values_sampled(obs, torch.tanh(u), target=True)
-    qr = qr.min(0).values.reshape(n, states).t()
-    qc = qc.reshape(-1, n, states)[0].t()
+    qr, qc = sampled_q(module, obs, config.num_action_samples, gen)
+    qc = qc[..., 0]
     nearest = 3.0 * (1.0 - obs[:, start:end].max(1).values)  # lidar 1 - d / max_dist, max_dist 3
     print("  by the nearest hazard (distance from its centre; hazards have radius 0.2):")
     for name, m in (("within 0.5", nearest < 0.5), ("0.5 to 1.5", (nearest >= 0.5) & (nearest < 1.5)),
