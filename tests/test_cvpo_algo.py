@@ -21,6 +21,8 @@ from helpers import small_config
         (dict(estep_kl=0.0), "estep_kl must be > 0.0, got 0.0"),
         (dict(estep_constraint_rate=0.0), "estep_constraint_rate must be > 0.0, got 0.0"),
         (dict(estep_constraint_rate=1.5), "estep_constraint_rate must be <= 1.0, got 1.5"),
+        (dict(estep_qc_smoothing=0.0), "estep_qc_smoothing must be > 0.0, got 0.0"),
+        (dict(estep_qc_smoothing="ema"), "estep_qc_smoothing must be a finite number, got 'ema'"),
         (dict(num_action_samples=1), "num_action_samples must be an integer >= 2, got 1"),
         (dict(estep_solver="lbfgs"), "estep_solver must be 'newton' or 'cvxpy', got 'lbfgs'"),
         (dict(tau=1.5), "tau must be <= 1.0, got 1.5"),
@@ -92,14 +94,15 @@ def _learner_state(algo):
 
 
 def test_save_restore_and_continue(ray_local, tmp_path):
-    algo = small_config().build_algo()
+    # (with the E-step's smoothed cost baseline, which the checkpoint must carry)
+    algo = small_config(estep_qc_smoothing=0.1).build_algo()
     try:
         for _ in range(3):
             result = algo.train()
         steps = result["num_env_steps_sampled_lifetime"]
         assert math.isfinite(result["learners"]["default_policy"]["eta"])
         weights, optim, duals = _learner_state(algo)
-        assert duals["num_updates"] > 0 and duals["alpha_mu"] >= 0
+        assert duals["num_updates"] > 0 and duals["alpha_mu"] >= 0 and "qc_baseline" in duals
         buffer_len, buffer_sample = len(algo.replay), algo.replay._data["obs"][: len(algo.replay)].copy()
         algo_credit = algo._update_credit
         path = algo.save_to_path(str(tmp_path / "ckpt"))

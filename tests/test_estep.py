@@ -7,8 +7,10 @@ import torch
 from rllib_cvpo.cvpo.estep import (
     DualProblem,
     NonFiniteError,
+    batch_mean_qc,
     qc_threshold,
     rate_thresholds,
+    smoothed_qc_baseline,
     solve_dual_cvxpy,
     solve_dual_newton,
     variational_weights,
@@ -247,14 +249,63 @@ def test_rate_thresholds_close_a_share_of_the_gap_to_the_global_batchs_mean():
     qr, qc = _batch(5, m=2)
     eps = [0.8, 2.5]
     m = qc.mean(dim=(0, 1)).numpy()
-    assert rate_thresholds(qc, eps, 1.0) == pytest.approx(eps, rel=1e-12)
-    got = rate_thresholds(qc, eps, 0.1)
+    assert batch_mean_qc(qc) == pytest.approx(m, rel=1e-12)
+    assert rate_thresholds(batch_mean_qc(qc), eps, 1.0) == pytest.approx(eps, rel=1e-12)
+    got = rate_thresholds(batch_mean_qc(qc), eps, 0.1)
     assert got == pytest.approx([m[i] + 0.1 * (eps[i] - m[i]) for i in range(2)], rel=1e-12)
-    # A shard's sums, summed with the other shard's (the learners' all-reduce): the combined batch's thresholds.
+    # A shard's sums, summed with the other shard's (the learners' all-reduce): the combined batch's mean.
     other = qc[40:].numpy()
     other_sums = np.concatenate([other.sum(axis=(0, 1)), [other.shape[0] * other.shape[1]]])
-    assert rate_thresholds(qc[:40], eps, 0.1, reduce=lambda x: x + other_sums) == pytest.approx(got, rel=1e-12)
-    assert rate_thresholds(qc[..., 0], eps[:1], 0.5) == pytest.approx([m[0] + 0.5 * (eps[0] - m[0])], rel=1e-12)
+    assert batch_mean_qc(qc[:40], reduce=lambda x: x + other_sums) == pytest.approx(m, rel=1e-12)
+    assert batch_mean_qc(qc[..., 0]) == pytest.approx(m[:1], rel=1e-12)
+    # Against a baseline b the asked change is kappa (eps - b), measured from the batch's own mean.
+    b = [1.5, 2.0]
+    assert rate_thresholds(m, eps, 0.1, baseline=b) == pytest.approx(
+        [m[i] + 0.1 * (eps[i] - b[i]) for i in range(2)], rel=1e-12)
+    assert rate_thresholds(m, eps, 1.0, baseline=m) == pytest.approx(eps, rel=1e-12)
+
+
+def test_the_smoothed_baseline_is_the_exponential_average_of_the_batch_means():
+    means = [np.array([1.0, 4.0]), np.array([3.0, 0.0]), np.array([2.0, 2.0])]
+    b = None
+    for mean in means:
+        b = smoothed_qc_baseline(b, mean, 0.25)
+    first = means[0]
+    expected = first + 0.25 * (means[1] - first)
+    expected = expected + 0.25 * (means[2] - expected)
+    assert b == pytest.approx(expected, rel=1e-12)
+    assert smoothed_qc_baseline(None, means[1], 0.25) == pytest.approx(means[1])
+    assert smoothed_qc_baseline(first, means[1], 1.0) == pytest.approx(means[1])  # beta 1: the batch's own mean
+
+
+def test_against_a_smoothed_baseline_every_batch_is_asked_the_same_change_of_its_mean_qc():
+    """Circle-shaped batches (as in the next test) whose policy is 0.2 over eps_c on average (the batch's mean has an
+    sd of 0.24). Against each batch's own mean (kappa 0.05) the sign of the asked change follows the batch's draw of
+    states: those that drew safer states than usual are allowed to raise their Q_c, and q does. Against the
+    smoothed baseline every batch is asked the same reduction, kappa (eps_c - b) = -0.01, and each meets it exactly
+    inside the KL ball."""
+    rng = np.random.default_rng(1)
+    eps, rate, lam_max = 4.0, 0.05, 40.0
+    baseline = np.array([eps + 0.2])
+    raised = {"batch": 0, "smoothed": 0}
+    batches = 40
+    for _ in range(batches):
+        states = rng.normal(eps + 0.2, 3.8, size=(256, 1))
+        z = rng.normal(size=(256, 16))
+        qc = torch.from_numpy(states + 0.14 * z)
+        qr = torch.from_numpy(9.0 + 0.01 * (0.44 * z + np.sqrt(1 - 0.44**2) * rng.normal(size=z.shape)))
+        mean = batch_mean_qc(qc)
+        for name, ref in (("batch", None), ("smoothed", baseline)):
+            threshold = rate_thresholds(mean, [eps], rate, baseline=ref)
+            sol = solve_dual_newton(DualProblem(qr, qc, 0.02, threshold), 1.0, [0.0], lam_max=lam_max)
+            w = variational_weights(qr, qc, sol.eta, sol.lam)
+            change = float((w * qc).sum(1).mean()) - mean[0]
+            raised[name] += change > 0
+            if name == "smoothed":
+                assert 1e-6 < sol.lam[0] < lam_max * (1 - 1e-9)
+                assert change == pytest.approx(-0.01, abs=1e-6)
+    assert raised["smoothed"] == 0
+    assert raised["batch"] >= 0.1 * batches
 
 
 def test_a_rate_below_one_turns_the_duals_switch_into_an_interior_answer():
@@ -274,7 +325,7 @@ def test_a_rate_below_one_turns_the_duals_switch_into_an_interior_answer():
         qc = torch.from_numpy(states + 0.14 * z)
         qr = torch.from_numpy(9.0 + 0.01 * (0.44 * z + np.sqrt(1 - 0.44**2) * rng.normal(size=z.shape)))
         for rate in interior:
-            threshold = rate_thresholds(qc, [eps], rate)
+            threshold = rate_thresholds(batch_mean_qc(qc), [eps], rate)
             sol = solve_dual_newton(DualProblem(qr, qc, 0.02, threshold), 1.0, [0.0], lam_max=lam_max)
             if 1e-6 < sol.lam[0] < lam_max * (1 - 1e-9):
                 interior[rate] += 1

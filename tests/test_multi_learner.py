@@ -65,8 +65,10 @@ def _solve_my_shard(learner):
 
 
 def test_two_learners_keep_identical_weights_and_solve_the_global_dual(ray_local):
-    # (estep_constraint_rate < 1: its thresholds come from the global batch's mean Q_c, checked below)
-    config = small_config(updates_per_env_step=0.5, cost_limit=40.0, estep_constraint_rate=0.5).learners(
+    # (estep_constraint_rate < 1 and a smoothed baseline: the thresholds come from the global batch's mean Q_c and
+    # the baseline from every learner's batches, checked below)
+    config = small_config(updates_per_env_step=0.5, cost_limit=40.0, estep_constraint_rate=0.5,
+                          estep_qc_smoothing=0.5).learners(
         num_learners=2, num_cpus_per_learner=0.5)
     algo = config.build_algo()
     try:
@@ -94,11 +96,14 @@ def test_two_learners_keep_identical_weights_and_solve_the_global_dual(ray_local
         np.testing.assert_array_equal(a["duals"][key], b["duals"][key], err_msg=key)
 
     # The E-step dual both learners solved is the single-learner dual of the combined batch, at the thresholds that
-    # close half of the gap between the combined batch's mean Q_c and the limit's.
+    # ask the combined batch's mean Q_c for half of the gap between the (shared) baseline and the limit's. The
+    # baseline has moved off the last batch's mean: it averages every batch so far.
     qc_mean = np.concatenate([a["qc"], b["qc"]]).mean(axis=(0, 1))
+    baseline = a["duals"]["qc_baseline"]
+    assert not np.allclose(baseline, qc_mean)
     assert a["limit_thresholds"] == b["limit_thresholds"]
     assert a["thresholds"] == b["thresholds"] == [
-        pytest.approx(m + 0.5 * (t - m), rel=1e-9) for m, t in zip(qc_mean, a["limit_thresholds"])]
+        pytest.approx(m + 0.5 * (t - c), rel=1e-9) for m, t, c in zip(qc_mean, a["limit_thresholds"], baseline)]
     combined = estep.DualProblem(
         torch.from_numpy(np.concatenate([a["qr"], b["qr"]])), torch.from_numpy(np.concatenate([a["qc"], b["qc"]])),
         config.estep_kl, a["thresholds"],

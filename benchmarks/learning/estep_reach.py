@@ -98,7 +98,7 @@ def main() -> None:
             down = torch.softmax(z_down / kl_ball_eta(z_down, config.estep_kl), 1)
             reach.append((float((down * qc[..., 0]).sum(1).mean()) - base, float((up * qc[..., 0]).sum(1).mean()) - base))
             for rate in args.rates:
-                t = estep.rate_thresholds(qc, thresholds, rate) if rate < 1 else thresholds
+                t = estep.rate_thresholds(estep.batch_mean_qc(qc), thresholds, rate) if rate < 1 else thresholds
                 sol = estep.solve_dual_newton(estep.DualProblem(qr, qc, config.estep_kl, t), config.eta_init,
                                               [config.lambda_init] * qc.shape[-1], eta_min=config.eta_min,
                                               eta_max=config.eta_max, lam_max=config.lambda_max)

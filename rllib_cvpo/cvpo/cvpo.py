@@ -78,6 +78,7 @@ class CVPOConfig(AlgorithmConfig):
         # E-step.
         self.estep_kl = 0.02
         self.estep_constraint_rate = 1.0
+        self.estep_qc_smoothing: Optional[float] = None
         self.num_action_samples = 16
         self.estep_solver = "newton"
         self.eta_init = 1.0
@@ -150,6 +151,7 @@ class CVPOConfig(AlgorithmConfig):
         episode_len=NotProvided,
         estep_kl=NotProvided,
         estep_constraint_rate=NotProvided,
+        estep_qc_smoothing=NotProvided,
         num_action_samples=NotProvided,
         estep_solver=NotProvided,
         eta_init=NotProvided,
@@ -228,6 +230,11 @@ class CVPOConfig(AlgorithmConfig):
                 E_q[Q_c] <= eps_c. Below 1 the E-step's answer is proportional to the excess over a band kappa^-1
                 times as wide, where at 1 it switches between reward-greedy and cost-greedy (``estep.py``'s
                 ``rate_thresholds`` says why); the threshold the run converges to is still eps_c.
+            estep_qc_smoothing: beta in (0, 1], or None (default). With beta, the gap kappa closes is measured from
+                a baseline b, the exponential average (rate beta per update) of the batches' mean Q_c under pi_old,
+                instead of from the batch's own mean m: E_q[Q_c] <= m + kappa (eps_c - b). Every batch of one moment
+                is then asked the same change of its Q_c, whatever states it drew (``rate_thresholds`` says why);
+                b is kept in checkpoints, and is the global batch's with several learners.
             num_action_samples: N (the paper's particle size K), actions sampled per state (default 16, [FSRL]).
             estep_solver: "newton" (default: projected damped Newton in float64 with the analytic gradient and
                 Hessian, warm-started) or "cvxpy" (the exponential-cone program; slow, the reference).
@@ -521,6 +528,7 @@ class CVPOConfig(AlgorithmConfig):
         number("gamma", 0.0, 1.0)
         number("estep_kl", 0.0, lo_open=True)
         number("estep_constraint_rate", 0.0, 1.0, lo_open=True)
+        number("estep_qc_smoothing", 0.0, 1.0, lo_open=True, allow_none=True)
         if not isinstance(self.num_action_samples, int) or self.num_action_samples < 2:
             errors.append(f"num_action_samples must be an integer >= 2, got {self.num_action_samples!r}")
         if self.estep_solver not in ("newton", "cvxpy"):

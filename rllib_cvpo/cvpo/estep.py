@@ -49,12 +49,36 @@ def _identity(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def rate_thresholds(qc, thresholds: Sequence[float], rate: float, reduce: Reduce = _identity) -> list:
-    """The thresholds of an E-step that closes only the share ``rate`` (kappa) of the gap between pi_old and the
-    constraint: per constraint i, m_i + kappa (eps_i - m_i), m_i the mean of ``qc[B, N, m]`` (pi_old's samples)
-    over the batch's states and samples, summed over learners by ``reduce`` (the global batch's mean).
+def batch_mean_qc(qc, reduce: Reduce = _identity) -> np.ndarray:
+    """m_i: per constraint i, the mean of ``qc[B, N, m]`` (pi_old's samples, or ``[B, N]`` for one constraint) over the
+    batch's states and samples, summed over learners by ``reduce`` (the global batch's mean), in float64."""
+    if qc.ndim == 2:
+        qc = qc[..., None]
+    if isinstance(qc, torch.Tensor):  # summed in float64 where it lies, without a float64 copy of the batch
+        sums = qc.detach().sum(dim=(0, 1), dtype=torch.float64).cpu().numpy()
+    else:
+        sums = np.asarray(qc, np.float64).sum(axis=(0, 1))
+    total = reduce(np.concatenate([sums, [qc.shape[0] * qc.shape[1]]]))
+    return total[:-1] / total[-1]
 
-    Why: inside the KL ball the E-step can move the batch's mean Q_c only by a little (on SafetyPointCircle1-v0,
+
+def smoothed_qc_baseline(previous, mean, rate: float) -> np.ndarray:
+    """One step of the E-step's cost baseline: the exponential average, with ``rate`` (beta) per update, of the
+    batches' mean Q_c ``mean`` (:func:`batch_mean_qc`); the first batch's mean where there is none yet."""
+    mean = np.asarray(mean, np.float64)
+    if previous is None:
+        return mean.copy()
+    previous = np.asarray(previous, np.float64)
+    return previous + rate * (mean - previous)
+
+
+def rate_thresholds(mean, thresholds: Sequence[float], rate: float, baseline=None) -> list:
+    """The thresholds of an E-step that asks q to change the batch's mean Q_c by only the share ``rate`` (kappa) of
+    the gap between a baseline and the constraint: per constraint i, m_i + kappa (eps_i - b_i), with m_i the batch's
+    mean Q_c under pi_old (``mean``, from :func:`batch_mean_qc`) and b_i = m_i (``baseline`` None) or a smoothed
+    baseline (:func:`smoothed_qc_baseline`). With kappa = 1 and no baseline this is eps_c itself.
+
+    Why kappa: inside the KL ball the E-step can move the batch's mean Q_c only by a little (on SafetyPointCircle1-v0,
     measured on a 300k checkpoint, from -0.041 to +0.029 at eps = 0.02), while m itself varies from one batch of
     256 states to the next by much more (sd 0.23: the states differ, the actions barely do). Against eps_c - m the
     exact dual is then a switch: slack (lambda 0, reward-greedy) or infeasible (lambda at its bound, cost-greedy:
@@ -63,17 +87,16 @@ def rate_thresholds(qc, thresholds: Sequence[float], rate: float, reduce: Reduce
     kappa (eps_c - m) is proportional to the excess over a band 1/kappa times as wide, and the batch's noise in it
     shrinks by kappa; as pi settles, q stays near pi_old and m near eps_c, the same fixed point as kappa = 1.
     Measured on Circle (docs/benchmarks.md section 5): the alternation ends, but the cost's swings, which come from
-    the policy crossing the edge of the safe region, do not; kappa stays 1 by default."""
-    if qc.ndim == 2:
-        qc = qc[..., None]
-    if isinstance(qc, torch.Tensor):  # summed in float64 where it lies, without a float64 copy of the batch
-        sums = qc.detach().sum(dim=(0, 1), dtype=torch.float64).cpu().numpy()
-    else:
-        sums = np.asarray(qc, np.float64).sum(axis=(0, 1))
-    local = np.concatenate([sums, [qc.shape[0] * qc.shape[1]]])
-    total = reduce(local)
-    mean = total[:-1] / total[-1]
-    return [float(m + rate * (t - m)) for m, t in zip(mean, thresholds)]
+    the policy crossing the edge of the safe region, do not; kappa stays 1 by default.
+
+    Why a baseline: the asked change kappa (eps_c - m) still carries kappa times the batch's noise in m, which at
+    kappa 0.05 is about half of what the E-step can move. Against a baseline averaged over many batches the asked
+    change kappa (eps_c - b) is the same for every batch of one moment, and each batch is measured against its own
+    m (its states' Q_c under pi_old): the constraint asks for a change of Q_c per batch, not for a level that the
+    batch's states decide. Since b tracks the mean of m, the fixed point is still eps_c."""
+    mean = np.asarray(mean, np.float64)
+    ref = mean if baseline is None else np.asarray(baseline, np.float64)
+    return [float(m + rate * (t - b)) for m, t, b in zip(mean, thresholds, ref)]
 
 
 def _as_float64(x, contiguous: bool = True) -> np.ndarray:

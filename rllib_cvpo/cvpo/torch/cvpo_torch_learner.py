@@ -329,9 +329,14 @@ class CVPOTorchLearner(TorchLearner):
             qr_s = eqr.min(0).values.reshape(n, batch_size).t()
             qc_s = eqc.reshape(m, n, batch_size).permute(2, 1, 0)
             thresholds = self._thresholds(mid, cfg)
-            if cfg.estep_constraint_rate < 1.0:
-                thresholds = estep.rate_thresholds(qc_s, thresholds, cfg.estep_constraint_rate,
-                                                   self._allreduce_numpy)
+            if cfg.estep_constraint_rate < 1.0 or cfg.estep_qc_smoothing is not None:
+                batch_mean = estep.batch_mean_qc(qc_s, self._allreduce_numpy)  # the global batch's
+                baseline = None
+                if cfg.estep_qc_smoothing is not None:
+                    baseline = estep.smoothed_qc_baseline(state.get("qc_baseline"), batch_mean,
+                                                          cfg.estep_qc_smoothing)
+                    state["qc_baseline"] = baseline
+                thresholds = estep.rate_thresholds(batch_mean, thresholds, cfg.estep_constraint_rate, baseline)
             t_dual = time.perf_counter()
             try:
                 problem = estep.DualProblem(qr_s, qc_s, cfg.estep_kl, thresholds, reduce=self._allreduce_numpy)
@@ -403,6 +408,8 @@ class CVPOTorchLearner(TorchLearner):
             metrics[f"lambda{suffix}"] = float(sol.lam[i])
             metrics[f"estep_qc{suffix}"] = float(sol.expected_qc[i])
             metrics[f"qc_threshold{suffix}"] = float(thresholds[i])
+            if "qc_baseline" in state:
+                metrics[f"qc_baseline{suffix}"] = float(state["qc_baseline"][i])
             metrics[f"q_cost{suffix}"] = qc[i].detach().mean()
         self._log_update_metrics(mid, metrics)
         self.metrics.log_value((mid, "num_cvpo_updates"), state["num_updates"], reduce="max")
@@ -441,4 +448,5 @@ class CVPOTorchLearner(TorchLearner):
             saved = dict(state[CVPO_STATE])
             self._env_steps = int(saved.pop("__env_steps__", 0))
             for mid, s in saved.items():
-                self._cvpo[mid] = {k: (np.array(v) if k == "lam" else v) for k, v in s.items()}
+                self._cvpo[mid] = {k: (np.array(v) if k in ("lam", "qc_baseline") and v is not None else v)
+                                   for k, v in s.items()}
