@@ -92,6 +92,36 @@ def test_fix8_offscreen_rendering_is_sized_and_headless(sg):
     assert frame.shape == (model.vis.global_.offheight, model.vis.global_.offwidth, 3)
 
 
+def _texture_mb(env) -> float:
+    return env.unwrapped.task.model.ntexdata / 2**20
+
+
+def test_fix9_an_env_that_never_renders_builds_a_plain_skybox_and_the_same_episode(sg):
+    plain = sg.make("SafetyPointGoal1-v0")
+    rendered = sg.make("SafetyPointGoal1-v0", render_mode="rgb_array")
+    vision = sg.make("SafetyPointGoal0Vision-v0")
+    for env in (plain, rendered, vision):
+        env.reset(seed=3)
+    # The star skybox (182 MB decoded) where the env renders, frames or vision observations; 32x32 where it never does.
+    assert _texture_mb(plain) < 1.0
+    assert _texture_mb(rendered) > 100.0 and _texture_mb(vision) > 100.0
+    # Textures are not physics: one seed and one action sequence give the same episode, through several resets
+    # (each rebuilds the world).
+    rng = np.random.default_rng(0)
+    for episode in range(3):
+        obs_p, _ = plain.reset(seed=10 + episode)
+        obs_r, _ = rendered.reset(seed=10 + episode)
+        np.testing.assert_array_equal(obs_p, obs_r)
+        for _ in range(50):
+            action = rng.uniform(-1, 1, size=plain.action_space.shape)
+            out_p, out_r = plain.step(action), rendered.step(action)
+            np.testing.assert_array_equal(out_p[0], out_r[0])
+            assert out_p[1:5] == out_r[1:5]  # reward, cost, terminated, truncated
+    assert _texture_mb(plain) < 1.0 and _texture_mb(rendered) > 100.0
+    frame = rendered.render()
+    assert frame.shape[-1] == 3 and frame.std() > 0
+
+
 def test_missing_safety_gymnasium_error_gives_the_install_command(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(compat, "_module", None)

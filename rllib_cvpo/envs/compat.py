@@ -19,11 +19,17 @@ notes and has its own test in ``tests/test_compat.py``.
 7. ``Builder.reset(seed=...)`` never seeds ``np_random`` (gymnasium's ``check_env`` fails): it is seeded now.
 8. ``OffScreenViewer`` is built without its size: the size comes from the model's ``offwidth``/``offheight``.
    ``MUJOCO_GL`` defaults to ``egl`` when there is no display, so ``rgb_array`` works on servers.
+9. Not a compatibility fix, a cost one: every navigation task's world (rebuilt and recompiled on every reset) carries a
+   star skybox of six PNG faces, 182 MB of texture once decoded. An env that never renders (made without a render
+   mode, and not a vision task) gets a 32x32 gradient skybox instead: on SafetyPointGoal1-v0 a reset took 450 ms
+   instead of 11 ms and each env held 180-250 MB more (measured side by side, docs/benchmarks.md section 3).
+   Textures are not physics: observations, rewards and costs are the same (``tests/test_compat.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import importlib
@@ -84,6 +90,7 @@ def _load() -> types.ModuleType:
     _replace_make(sg)  # fix 4
     _seed_builder_reset()  # fix 7
     _size_offscreen_viewer()  # fix 8
+    _plain_skybox_unless_rendered()  # fix 9
     return sg
 
 
@@ -287,3 +294,54 @@ def _size_offscreen_viewer() -> None:
             super().__init__(model, data, width, height, **kwargs)
 
     underlying.OffScreenViewer = SizedOffScreenViewer
+
+
+# -- fix 9 ---------------------------------------------------------------------------------------------------------
+PLAIN_SKYBOX = {"@type": "skybox", "@builtin": "gradient", "@rgb1": "0.4 0.6 0.8", "@rgb2": "0 0 0",
+                "@width": "32", "@height": "32"}
+_plain_skybox: contextvars.ContextVar[bool] = contextvars.ContextVar("rllib_cvpo_plain_skybox", default=False)
+
+
+class _AssetsYaml:
+    """Stands in for the ``yaml`` module inside ``safety_gymnasium.world``, whose ``World.build`` reads its assets
+    config on every build: while a task that never renders builds its world, the skybox entry is the plain one."""
+
+    def __init__(self, module: types.ModuleType) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def load(self, stream: Any, Loader: Any) -> Any:  # noqa: N803 (yaml's own argument name)
+        config = self._module.load(stream, Loader=Loader)
+        if _plain_skybox.get() and isinstance(config, dict) and "skybox" in config.get("textures", {}):
+            config["textures"]["skybox"] = dict(PLAIN_SKYBOX)
+        return config
+
+
+def _plain_skybox_unless_rendered() -> None:
+    world = importlib.import_module("safety_gymnasium.world")
+    underlying = importlib.import_module("safety_gymnasium.bases.underlying").Underlying
+    builder = importlib.import_module("safety_gymnasium.builder").Builder
+    if getattr(builder.__init__, "_rllib_cvpo_skybox", False):
+        return
+    world.yaml = _AssetsYaml(world.yaml)
+    init, build = builder.__init__, underlying._build
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        # The world is first built at reset, so the task knows by then. A vision task renders its observations.
+        self.task._rllib_cvpo_plain_skybox = self.render_parameters.mode is None and not self.task.observe_vision
+
+    @functools.wraps(build)
+    def _build(self) -> None:
+        token = _plain_skybox.set(getattr(self, "_rllib_cvpo_plain_skybox", False))
+        try:
+            build(self)
+        finally:
+            _plain_skybox.reset(token)
+
+    __init__._rllib_cvpo_skybox = True
+    builder.__init__ = __init__
+    underlying._build = _build
