@@ -19,8 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sampling import env_rate  # noqa: E402
 
 TASKS = ("SafetyPointGoal1-v0", "SafetyPointCircle1-v0", "SafetyCarButton1-v0")
 KINDS = {"plain (never renders)": None, "star skybox (rgb_array)": "rgb_array"}
@@ -55,18 +57,6 @@ def reset_ms(env, resets: int, seed: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def raw_rate(env, steps: int, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    low, high = env.action_space.low, env.action_space.high
-    t0 = time.perf_counter()
-    env.reset(seed=seed)
-    for _ in range(steps):
-        _, _, terminated, truncated, _ = env.step(rng.uniform(low, high))
-        if terminated or truncated:
-            env.reset()
-    return steps / (time.perf_counter() - t0)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", action="append", help="task id (repeatable); default: " + ", ".join(TASKS))
@@ -98,7 +88,7 @@ def main() -> None:
         for r in range(args.rounds):
             for name, env in made.items():
                 resets[name].append(reset_ms(env, args.resets, seed=100 * r))
-                rates[name].append(raw_rate(env, args.steps, seed=r))
+                rates[name].append(env_rate(env, args.steps, seed=r))
         for name, mode in KINDS.items():
             out = subprocess.run([sys.executable, __file__, "--memory-only", env_id, mode or "none",
                                   "--envs", str(args.envs)], capture_output=True, text=True, check=True)

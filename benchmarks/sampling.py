@@ -20,10 +20,8 @@ import numpy as np
 TASKS = ("SafetyPointGoal1-v0", "SafetyHalfCheetahVelocity-v1")
 
 
-def raw_rate(env_id: str, steps: int, seed: int = 0) -> float:
-    from rllib_cvpo.envs import make_env
-
-    env = make_env(env_id)
+def env_rate(env, steps: int, seed: int = 0) -> float:
+    """Env steps per second of ``env`` (an env factory's env) with uniformly random actions, resets included."""
     rng = np.random.default_rng(seed)
     low, high = env.action_space.low, env.action_space.high
     t0 = time.perf_counter()
@@ -32,7 +30,14 @@ def raw_rate(env_id: str, steps: int, seed: int = 0) -> float:
         _, _, terminated, truncated, _ = env.step(rng.uniform(low, high))
         if terminated or truncated:
             env.reset()
-    rate = steps / (time.perf_counter() - t0)
+    return steps / (time.perf_counter() - t0)
+
+
+def raw_rate(env_id: str, steps: int, seed: int = 0) -> float:
+    from rllib_cvpo.envs import make_env
+
+    env = make_env(env_id)
+    rate = env_rate(env, steps, seed)
     env.close()
     return rate
 
