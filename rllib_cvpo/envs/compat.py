@@ -21,8 +21,8 @@ notes and has its own test in ``tests/test_compat.py``.
    ``MUJOCO_GL`` defaults to ``egl`` when there is no display, so ``rgb_array`` works on servers.
 9. Not a compatibility fix, a cost one: every navigation task's world (rebuilt and recompiled on every reset) carries a
    star skybox of six PNG faces, 182 MB of texture once decoded. An env that never renders (made without a render
-   mode, and not a vision task) gets a 32x32 gradient skybox instead: on SafetyPointGoal1-v0 a reset took 450 ms
-   instead of 11 ms and each env held 180-250 MB more (measured side by side, docs/benchmarks.md section 3).
+   mode, and not a vision task) gets a 32x32 gradient skybox instead: on SafetyPointGoal1-v0 a reset took 380-450 ms
+   instead of 11 ms and each env held about 210 MB more (``benchmarks/env_worlds.py``, docs/benchmarks.md section 3).
    Textures are not physics: observations, rewards and costs are the same (``tests/test_compat.py``).
 """
 
