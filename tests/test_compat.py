@@ -122,6 +122,29 @@ def test_fix9_an_env_that_never_renders_builds_a_plain_skybox_and_the_same_episo
     assert frame.shape[-1] == 3 and frame.std() > 0
 
 
+def test_fix9_the_worlds_assets_config_is_parsed_once_per_process(sg, monkeypatch):
+    import safety_gymnasium.world as world
+
+    env = sg.make("SafetyPointGoal1-v0")
+    env.reset(seed=0)
+    parses = []
+    real = world.yaml._module
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def load(self, *args, **kwargs):
+            parses.append(1)
+            return real.load(*args, **kwargs)
+
+    monkeypatch.setattr(world.yaml, "_module", Counting())
+    for seed in range(3):  # every reset rebuilds the world from a copy of the parsed config
+        env.reset(seed=seed)
+    assert parses == []
+    assert _texture_mb(env) < 1.0
+
+
 def test_missing_safety_gymnasium_error_gives_the_install_command(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(compat, "_module", None)

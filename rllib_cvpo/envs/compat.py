@@ -22,14 +22,16 @@ notes and has its own test in ``tests/test_compat.py``.
 9. Not a compatibility fix, a cost one: every navigation task's world (rebuilt and recompiled on every reset) carries a
    star skybox of six PNG faces, 182 MB of texture once decoded. An env that never renders (made without a render
    mode, and not a vision task) gets a 32x32 gradient skybox instead: on SafetyPointGoal1-v0 a reset took 380-450 ms
-   instead of 11 ms and each env held about 210 MB more (``benchmarks/env_worlds.py``, docs/benchmarks.md section 3).
-   Textures are not physics: observations, rewards and costs are the same (``tests/test_compat.py``).
+   instead of 11 ms (5 ms with the parse below) and each env held about 210 MB more (``benchmarks/env_worlds.py``, docs/benchmarks.md section 3).
+   Textures are not physics: observations, rewards and costs are the same (``tests/test_compat.py``). The world's
+   assets config, which ``World.build`` parsed on every reset (5 ms), is parsed once per process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import functools
 import importlib
@@ -303,17 +305,26 @@ _plain_skybox: contextvars.ContextVar[bool] = contextvars.ContextVar("rllib_cvpo
 
 
 class _AssetsYaml:
-    """Stands in for the ``yaml`` module inside ``safety_gymnasium.world``, whose ``World.build`` reads its assets
-    config on every build: while a task that never renders builds its world, the skybox entry is the plain one."""
+    """Stands in for the ``yaml`` module inside ``safety_gymnasium.world``, whose ``World.build`` parses its assets
+    config file on every build (5 ms, half of a reset once the skybox is plain): each file is parsed once per
+    process and every build gets its own copy; while a task that never renders builds its world, the copy's skybox
+    entry is the plain one."""
 
     def __init__(self, module: types.ModuleType) -> None:
         self._module = module
+        self._parsed: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._module, name)
 
     def load(self, stream: Any, Loader: Any) -> Any:  # noqa: N803 (yaml's own argument name)
-        config = self._module.load(stream, Loader=Loader)
+        name = getattr(stream, "name", None)
+        if not isinstance(name, str):
+            config = self._module.load(stream, Loader=Loader)
+        else:
+            if name not in self._parsed:
+                self._parsed[name] = self._module.load(stream, Loader=Loader)
+            config = copy.deepcopy(self._parsed[name])
         if _plain_skybox.get() and isinstance(config, dict) and "skybox" in config.get("textures", {}):
             config["textures"]["skybox"] = dict(PLAIN_SKYBOX)
         return config
