@@ -1,6 +1,8 @@
 """What the navigation tasks' worlds cost: reset time, memory and raw env steps/s (resets included) of an env that
 never renders (a plain skybox, ``rllib_cvpo/envs/compat.py`` fix 9) against one made with ``render_mode="rgb_array"``,
-which builds the star skybox as safety-gymnasium does. Both kinds alternate in one process, side by side.
+which builds the star skybox as safety-gymnasium does. Both kinds alternate in one process, side by side. Then the
+objects' placement on reset (fix 10): the same plain env with the placement tests in Python floats against
+safety-gymnasium's own numpy ones, alternating in one process.
 
     .venv/bin/python benchmarks/env_worlds.py
     .venv/bin/python benchmarks/env_worlds.py --env SafetyPointGoal1-v0 --resets 20 --steps 5000
@@ -13,6 +15,7 @@ reuse the other's freed pages).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -55,6 +58,42 @@ def reset_ms(env, resets: int, seed: int) -> float:
         env.reset(seed=seed + i)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
+
+
+@contextlib.contextmanager
+def numpy_placement_tests():
+    """safety-gymnasium's own layout sampling (numpy distance tests) instead of fix 10's, while the block runs."""
+    from safety_gymnasium.utils.random_generator import RandomGenerator
+
+    fixed = RandomGenerator.sample_layout, RandomGenerator.sample_goal_position
+    RandomGenerator.sample_layout, RandomGenerator.sample_goal_position = RandomGenerator._rllib_cvpo_original
+    try:
+        yield
+    finally:
+        RandomGenerator.sample_layout, RandomGenerator.sample_goal_position = fixed
+
+
+def placement(env_id: str, args) -> None:
+    from rllib_cvpo.envs import make_env
+
+    env = make_env(env_id)
+    kinds = {"float tests (fix 10)": contextlib.nullcontext, "numpy tests (safety-gymnasium's)": numpy_placement_tests}
+    resets = {name: [] for name in kinds}
+    rates = {name: [] for name in kinds}
+    for r in range(args.rounds):
+        for name, ctx in kinds.items():
+            with ctx():
+                resets[name].append(reset_ms(env, args.resets, seed=100 * r))
+                rates[name].append(env_rate(env, args.steps, seed=r))
+    print("| placement tests | reset (ms, median) | raw env steps/s, resets included |")
+    print("|---|---|---|")
+    for name in kinds:
+        print(f"| {name} | {' / '.join(f'{x:.1f}' for x in resets[name])} "
+              f"| {' / '.join(f'{x:,.0f}' for x in rates[name])} |")
+    floats, numpy_ = kinds
+    print(f"reset: numpy / float {statistics.median(resets[numpy_]) / statistics.median(resets[floats]):.2f}x; "
+          f"raw rate: float / numpy {statistics.median(rates[floats]) / statistics.median(rates[numpy_]):.2f}x")
+    env.close()
 
 
 def main() -> None:
@@ -100,6 +139,7 @@ def main() -> None:
               f"raw rate: plain / star {statistics.median(rates[plain]) / statistics.median(rates[star]):.2f}x")
         for env in made.values():
             env.close()
+        placement(env_id, args)
 
 
 if __name__ == "__main__":

@@ -167,3 +167,36 @@ def test_plain_import_of_safety_gymnasium_works_after_importing_rllib_cvpo():
     ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout.strip().splitlines()[-1] == "(60,) safety_gymnasium"
+
+
+@pytest.mark.parametrize("task", ["SafetyCarButton1-v0", "SafetyPointGoal2-v0", "SafetyPointPush1-v0"])
+def test_fix10_float_placement_tests_draw_the_same_layouts(sg, task):
+    from safety_gymnasium.utils.random_generator import RandomGenerator
+
+    original_layout, original_goal = RandomGenerator._rllib_cvpo_original
+    assert RandomGenerator.sample_layout is not original_layout  # the fix is in place
+    env = sg.make(task)
+    env.reset(seed=0)
+    gen = env.unwrapped.task.random_generator
+
+    def draw(layout_fn, goal_fn, seed):
+        gen.set_random_seed(seed)
+        while not layout_fn(gen):  # build_layout's loop
+            pass
+        layout = {k: v.copy() for k, v in gen.layout.items()}
+        goals = [goal_fn(gen) for _ in range(20)]  # accepted or rejected, as a task resamples a reached goal
+        return layout, goals, {k: v.copy() for k, v in gen.layout.items()}, gen.random_generator.get_state()[1]
+
+    rejected = 0
+    for seed in range(30):
+        a = draw(original_layout, original_goal, seed)
+        b = draw(RandomGenerator.sample_layout, RandomGenerator.sample_goal_position, seed)
+        for la, lb in ((a[0], b[0]), (a[2], b[2])):
+            assert la.keys() == lb.keys()
+            for k in la:
+                np.testing.assert_array_equal(la[k], lb[k])
+        assert a[1] == b[1]
+        np.testing.assert_array_equal(a[3], b[3])  # the same number of random draws: the generator ends alike
+        rejected += a[1].count(False)
+    if task != "SafetyPointPush1-v0":
+        assert rejected > 0  # the rejection branch is exercised too
