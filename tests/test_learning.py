@@ -9,7 +9,7 @@ import math
 import pytest
 
 from rllib_cvpo import CVPOConfig
-from rllib_cvpo.cvpo import estep
+from rllib_cvpo.cvpo.torch.cvpo_torch_rl_module import CVPOTorchRLModule
 from rllib_cvpo.cvpo.evaluate import evaluate_module
 from rllib_cvpo.envs import constrained_optimum
 from rllib_cvpo.envs.speed_limit import constant_speed_return
@@ -94,11 +94,15 @@ def test_the_cost_feedback_holds_the_limit_where_the_cost_critic_underestimates(
     at 32.8, too close to call); with, 21.7-25.8 (after 33.4 at 12k) and 10.2 and 9.5 (return 42.1, 40.6). With the
     warm-up seeded (the same on every run): without, 50.0 and 48.1 (return 97.6); with, 23.6 and 12.5 (return 47.6)."""
 
-    class Underestimating(estep.DualProblem):
-        def __init__(self, qr, qc, *args, **kwargs):
-            super().__init__(qr, qc * UNDERESTIMATE, *args, **kwargs)
+    real = CVPOTorchRLModule.q_values_sampled
 
-    monkeypatch.setattr(estep, "DualProblem", Underestimating)  # the learner is in this process (num_learners=0)
+    def underestimating(self, *args, **kwargs):  # the E-step's critic values, and only the E-step's
+        qr, qc = real(self, *args, **kwargs)
+        return qr, qc * UNDERESTIMATE
+
+    # The learner is in this process (num_learners=0). Every Q_c the E-step uses is halved: the dual's, and the batch
+    # mean and baseline that a proportional E-step measures its thresholds from.
+    monkeypatch.setattr(CVPOTorchRLModule, "q_values_sampled", underestimating)
     runs = {}
     for gain in (0.0, 0.1):
         training_costs = []
