@@ -73,6 +73,24 @@ def test_over_a_window_the_offset_integrates_the_mean_excess_that_per_round_erro
     assert windowed[0] == pytest.approx(0.1 * 39 * 12.5)  # 48.75
 
 
+def test_a_wider_error_clip_lets_a_swinging_cost_whose_mean_is_at_the_target_hold_the_offset():
+    # Limit 25, margin 0.1: target 22.5, T = 500. Three rounds of an episode at cost 0 for each at 90: the mean is
+    # 22.5, on target. At the default clip (c = 1: +-25) the high round counts as +25 and the low ones as -22.5 in
+    # full, so the integral falls (-42.5 per four rounds) and the cost would have to settle above the target to hold
+    # it; at c = 4 (+-100) the high round's +67.5 is counted whole and the offset holds.
+    def run(clip):
+        offset = np.array([20.0])
+        for _ in range(2):
+            for cost in (0.0, 0.0, 0.0, 90.0):
+                offset = update_offset(offset, [cost], 500, [25.0], 500, 0.1, 0.1, error_clip=clip)
+        return offset[0]
+
+    assert run(1.0) == pytest.approx(20.0 - 2 * 0.1 * 42.5)
+    assert run(4.0) == pytest.approx(20.0)
+    # The clip bounds a single round's step: c x max(d, 1) x gain per episode.
+    assert update_offset(np.zeros(1), [400.0], 500, [25.0], 500, 0.1, 0.1, error_clip=2.0)[0] == pytest.approx(5.0)
+
+
 def test_the_source_chooses_the_measured_cost_and_both_takes_the_larger_error():
     # T = 100, limit 10, margin 0.1: target 9. Training: 400 steps costing 40 (10 per episode, error +1); the
     # last evaluation: 15 per episode (error +6). Weighted by the 4 episodes just sampled, gain 0.1.
@@ -100,6 +118,8 @@ def test_validate_rejects_a_negative_gain_a_margin_outside_0_1_and_a_bad_source(
     with pytest.raises(ValueError, match="cost_feedback_source must be one of 'training', 'evaluation', 'both', "
                                          "got 'eval'"):
         small_config(cost_feedback_source="eval").validate()
+    with pytest.raises(ValueError, match="cost_feedback_error_clip must be > 0, got 0"):
+        small_config(cost_feedback_error_clip=0).validate()
     with pytest.raises(ValueError, match="cost_feedback_antiwindup must be True or False, got 'yes'"):
         small_config(cost_feedback_antiwindup="yes").validate()
     for bad in (0, 2.5, True):

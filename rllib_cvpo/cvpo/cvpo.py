@@ -74,6 +74,7 @@ class CVPOConfig(AlgorithmConfig):
         self.cost_feedback_source = "training"
         self.cost_feedback_antiwindup = False
         self.cost_feedback_window: Optional[int] = None
+        self.cost_feedback_error_clip = 1.0
         self.episode_len: Optional[int] = None
         # E-step.
         self.estep_kl = 0.02
@@ -148,6 +149,7 @@ class CVPOConfig(AlgorithmConfig):
         cost_feedback_source=NotProvided,
         cost_feedback_antiwindup=NotProvided,
         cost_feedback_window=NotProvided,
+        cost_feedback_error_clip=NotProvided,
         episode_len=NotProvided,
         estep_kl=NotProvided,
         estep_constraint_rate=NotProvided,
@@ -219,6 +221,11 @@ class CVPOConfig(AlgorithmConfig):
                 from one round to the next, the high rounds' errors are cut at max(d, 1) and the integral sees a
                 fraction of the excess, so the mean cost settles above the target; over a window that spans a
                 swing the error is the swing's mean (``rllib_cvpo.cvpo.feedback``).
+            cost_feedback_error_clip: c > 0, each measured excess over the target is clipped to
+                [-c max(d, 1), c max(d, 1)] before it is integrated (default 1.0). Below the target the error is
+                never under -d, so c only bounds the excess: at c = 1 a round at 4 d counts as one at 2 d, and where
+                the exploring policy's cost swings across rounds the mean cost settles above the target by what the
+                clip cut (docs/benchmarks.md section 5).
             episode_len: T, the episode length used to turn d into the per-step Q_c threshold
                 eps_c = d (1 - gamma^T) / ((1 - gamma) T); default None: the env's time limit.
             estep_kl: eps, the E-step KL bound between q and pi_old, averaged over states (default 0.02 [FSRL],
@@ -485,6 +492,7 @@ class CVPOConfig(AlgorithmConfig):
         number("cost_limit_anneal_steps", 0)
         number("cost_feedback_gain", 0)
         number("cost_feedback_margin", 0, 1)
+        number("cost_feedback_error_clip", 0, lo_open=True)
         if self.cost_feedback_window is not None and (isinstance(self.cost_feedback_window, bool)
                                                       or not isinstance(self.cost_feedback_window, int)
                                                       or self.cost_feedback_window < 1):
@@ -644,7 +652,7 @@ class CVPO(Algorithm):
             self._cost_offset = update_offset(self._cost_offset, measured_costs, measured_steps, limits,
                                               cfg.horizon, cfg.cost_feedback_gain, cfg.cost_feedback_margin,
                                               cfg.cost_feedback_source, self._evaluation_costs, hold,
-                                              weight_steps=sampled)
+                                              weight_steps=sampled, error_clip=cfg.cost_feedback_error_clip)
             for key, offset in zip(cfg.cost_keys, self._cost_offset):
                 self.metrics.log_value((COST_FEEDBACK, key), float(offset), window=1)
         self._update_credit += sampled * cfg.updates_per_env_step

@@ -12,11 +12,11 @@ o_i >= 0 in episodic-cost units lowers the limit the E-step sees from d_i to d_i
 same amount in Q_c units, and may go below 0 where the critic's bias needs it):
 
     J_i   = (cost of the env steps just sampled) / (their number) * T        (episodic cost at the current rate)
-    e_i   = clip(J_i - (1 - m) d_i, -D_i, D_i),  D_i = max(d_i, 1)           (excess over the target, bounded)
+    e_i   = clip(J_i - (1 - m) d_i, -c D_i, c D_i),  D_i = max(d_i, 1)       (excess over the target, bounded)
     o_i  <- clip(o_i + gain * (steps / T) * e_i, 0, OFFSET_MAX * D_i)
 
 The gain is per episode's worth of experience, independent of how the sampling is chunked; the margin m puts the
-target below the limit.
+target below the limit; c is ``cost_feedback_error_clip`` (default 1).
 
 With ``cost_feedback_window`` W, J_i is the rate over the newest rounds that cover at least W env steps (the round
 just sampled included), while each round's step keeps its own weight (its steps / T). Why: where the exploring
@@ -60,13 +60,15 @@ SOURCES = ("training", "evaluation", "both")
 def update_offset(offset: np.ndarray, step_costs: Sequence[float], steps: int, limits: Sequence[float],
                   horizon: int, gain: float, margin: float, source: str = "training",
                   evaluation_costs: Optional[Sequence[float]] = None,
-                  hold: Optional[Sequence[bool]] = None, weight_steps: Optional[int] = None) -> np.ndarray:
+                  hold: Optional[Sequence[bool]] = None, weight_steps: Optional[int] = None,
+                  error_clip: float = 1.0) -> np.ndarray:
     """One integral step of the offsets o (see the module docstring), weighted by the ``steps`` env steps just
     sampled (``weight_steps``, when the measurement covers more than the new steps: a window). ``step_costs``: the
     summed cost of each constraint over the ``steps`` measured; ``evaluation_costs``: each
     constraint's mean episodic cost in the last evaluation (None: none yet, and then "evaluation" makes no step and
     "both" uses the training error alone). ``hold``: per constraint, True where the offset must not grow this step
-    (it may still shrink): conditional-integration anti-windup, see ``CVPOConfig.cost_feedback_antiwindup``."""
+    (it may still shrink): conditional-integration anti-windup, see ``CVPOConfig.cost_feedback_antiwindup``.
+    ``error_clip``: c, the error is clipped to [-c D_i, c D_i] (``CVPOConfig.cost_feedback_error_clip``)."""
     offset = np.asarray(offset, np.float64)
     weight_steps = steps if weight_steps is None else weight_steps
     if source not in SOURCES:
@@ -83,7 +85,7 @@ def update_offset(offset: np.ndarray, step_costs: Sequence[float], steps: int, l
         errors.append(np.asarray(evaluation_costs, np.float64) - target)
     if not errors:
         return offset.copy()
-    error = np.clip(np.max(errors, axis=0), -scale, scale)
+    error = np.clip(np.max(errors, axis=0), -error_clip * scale, error_clip * scale)
     if hold is not None:
         error = np.where(np.asarray(hold, bool), np.minimum(error, 0.0), error)
     return np.clip(offset + gain * (weight_steps / horizon) * error, 0.0, OFFSET_MAX * scale)
