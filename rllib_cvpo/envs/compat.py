@@ -37,9 +37,9 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
-import math
 import functools
 import importlib
+import math
 import os
 import pkgutil
 import sys
