@@ -60,6 +60,18 @@ def reset_ms(env, resets: int, seed: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def alternate(kinds: dict, args) -> tuple[dict, dict]:
+    """Reset times and raw rates of each kind, {name: (env, context)}, the kinds alternating within each round."""
+    resets = {name: [] for name in kinds}
+    rates = {name: [] for name in kinds}
+    for r in range(args.rounds):
+        for name, (env, ctx) in kinds.items():
+            with ctx():
+                resets[name].append(reset_ms(env, args.resets, seed=100 * r))
+                rates[name].append(env_rate(env, args.steps, seed=r))
+    return resets, rates
+
+
 @contextlib.contextmanager
 def numpy_placement_tests():
     """safety-gymnasium's own layout sampling (numpy distance tests) instead of fix 10's, while the block runs."""
@@ -77,14 +89,9 @@ def placement(env_id: str, args) -> None:
     from rllib_cvpo.envs import make_env
 
     env = make_env(env_id)
-    kinds = {"float tests (fix 10)": contextlib.nullcontext, "numpy tests (safety-gymnasium's)": numpy_placement_tests}
-    resets = {name: [] for name in kinds}
-    rates = {name: [] for name in kinds}
-    for r in range(args.rounds):
-        for name, ctx in kinds.items():
-            with ctx():
-                resets[name].append(reset_ms(env, args.resets, seed=100 * r))
-                rates[name].append(env_rate(env, args.steps, seed=r))
+    kinds = {"float tests (fix 10)": (env, contextlib.nullcontext),
+             "numpy tests (safety-gymnasium's)": (env, numpy_placement_tests)}
+    resets, rates = alternate(kinds, args)
     print("| placement tests | reset (ms, median) | raw env steps/s, resets included |")
     print("|---|---|---|")
     for name in kinds:
@@ -122,12 +129,7 @@ def main() -> None:
               f"| memory of {args.envs} envs (MB) |")
         print("|---|---|---|---|---|")
         made = {name: make_env(env_id, render_mode=mode) for name, mode in KINDS.items()}
-        resets = {name: [] for name in KINDS}
-        rates = {name: [] for name in KINDS}
-        for r in range(args.rounds):
-            for name, env in made.items():
-                resets[name].append(reset_ms(env, args.resets, seed=100 * r))
-                rates[name].append(env_rate(env, args.steps, seed=r))
+        resets, rates = alternate({name: (env, contextlib.nullcontext) for name, env in made.items()}, args)
         for name, mode in KINDS.items():
             out = subprocess.run([sys.executable, __file__, "--memory-only", env_id, mode or "none",
                                   "--envs", str(args.envs)], capture_output=True, text=True, check=True)
