@@ -9,6 +9,20 @@ from rllib_cvpo.cvpo.estep import qc_threshold
 from rllib_cvpo.cvpo.feedback import ANTIWINDUP_AT_BOUND, OFFSET_MAX, update_offset, window_rounds
 
 
+def record_stored_rounds(algo, row) -> list:
+    """Wrap ``algo._store`` so that each stored sampling round appends ``row(added, costs)`` (its transitions and
+    summed costs, read when the round is stored, before the feedback's step) to the returned list."""
+    rows, original = [], algo._store
+
+    def recording(rounds):
+        added, costs = original(rounds)
+        rows.append(row(added, costs))
+        return added, costs
+
+    algo._store = recording
+    return rows
+
+
 def test_control_law_tightens_over_the_target_relaxes_to_zero_under_it_and_stays_bounded():
     # T = 100, limit 10, margin 0.1 (target 9): 400 steps with a summed cost of 40 is 10 per episode, 1 over the
     # target; 400 steps are 4 episodes: o = 0.1 * 4 * 1 = 0.4. The second constraint's 20 per 400 steps is 5 per
@@ -138,16 +152,12 @@ def test_feedback_offsets_the_learners_thresholds_exactly_and_survives_a_checkpo
     # With a window the error is measured over the newest rounds covering 500 env steps.
     config = small_config(cost_limit=5.0, cost_feedback_gain=0.5, cost_feedback_window=window)
     algo = config.build_algo()
-    replayed = []
-    original = algo._store
 
-    def recording(rounds):
-        added, costs = original(rounds)
+    def stored(added, costs):
         assert algo.replay.last_added_costs[0] == costs[0]  # what the replay stored
-        replayed.append((added, float(costs[0])))
-        return added, costs
+        return added, float(costs[0])
 
-    algo._store = recording
+    replayed = record_stored_rounds(algo, stored)
     try:
         for _ in range(3):
             result = algo.train()
@@ -191,15 +201,7 @@ def test_evaluation_feedback_follows_the_deployed_policys_measured_cost_and_surv
     # held evaluation cost, whatever the training episodes cost.
     config = small_config(cost_limit=5.0, cost_feedback_gain=0.5, cost_feedback_source="evaluation")
     algo = config.build_algo()
-    rounds = []
-    original = algo._store
-
-    def recording(sampled):
-        added, costs = original(sampled)
-        rounds.append((added, algo._evaluation_costs))
-        return added, costs
-
-    algo._store = recording
+    rounds = record_stored_rounds(algo, lambda added, costs: (added, algo._evaluation_costs))
     try:
         first = algo.train()
         assert float(algo._cost_offset[0]) == 0.0
@@ -228,16 +230,12 @@ def test_anti_windup_holds_the_offset_while_lambda_sits_at_its_bound(ray_local, 
     # the algorithm saw before each round's step (lambda at its bound in at least half of the last round's updates).
     config = small_config(cost_limit=5.0, cost_feedback_gain=0.5, cost_feedback_antiwindup=True)
     algo = config.build_algo()
-    replayed = []
-    original = algo._store
 
-    def recording(rounds):
-        added, costs = original(rounds)
+    def stored(added, costs):
         at_bound = algo._lambda_at_bound
-        replayed.append((added, float(costs[0]), None if at_bound is None else float(at_bound[0])))
-        return added, costs
+        return added, float(costs[0]), None if at_bound is None else float(at_bound[0])
 
-    algo._store = recording
+    replayed = record_stored_rounds(algo, stored)
     try:
         for _ in range(3):
             algo.train()
