@@ -39,6 +39,7 @@ def test_presets_set_the_published_settings():
     assert (fsrl.qc_nonnegative, fsrl.cost_feedback_gain) == (False, 0.0)
     assert (paper.n_step, paper.pi_old_sync, paper.qc_nonnegative, paper.cost_feedback_gain) == (1, "polyak", False, 0.0)
     assert CVPOConfig().critic_activation == "leaky_relu" and fsrl.critic_activation is paper.critic_activation is None
+    assert CVPOConfig().estep_recent_steps == 5000 and fsrl.estep_recent_steps is paper.estep_recent_steps is None
     for preset in (fsrl, paper):
         preset.environment(DEFAULT_ENV).validate()
 
