@@ -65,9 +65,9 @@ def test_cvpo_reaches_the_constrained_optimum_within_the_limit(ray_local, seed):
     # constant-speed policy (66.7 at cost 25, 69.9 at 27.5) fails this. Since the warm-up's random actions are
     # seeded (2026-12-03), a seed repeats bit for bit on one machine: seeds 0, 1, 2 give 61.6 at cost 17.9 (+5.2),
     # 65.8 at 19.7 (+6.7), 66.0 at 19.6 (+6.9) here; with the E-step on the newest 5000 steps (the default since
-    # 2026-12-07) 62.9 at 18.9 (+5.0), 66.4 at 20.0 (+6.7), 65.0 at 19.4 (+6.3). Before, each run drew its own warm-up: 62.6 at 18.3 (+5.6) to
-    # 64.9 at 19.1 (+6.6), once 60.2 at 17.7 (+4.1), and once seed 1 at 55.5 at 14.6 (+4.5, under 0.75 of the
-    # optimum). Another CPU may round its matmuls differently, so the margin is 3.
+    # 2026-12-07) 62.9 at 18.9 (+5.0), 66.4 at 20.0 (+6.7), 65.0 at 19.4 (+6.3). Before, each run drew its own
+    # warm-up: 62.6 at 18.3 (+5.6) to 64.9 at 19.1 (+6.6), once 60.2 at 17.7 (+4.1), and once seed 1 at 55.5 at 14.6
+    # (+4.5, under 0.75 of the optimum). Another CPU may round its matmuls differently, so the margin is 3.
     assert ret >= constant + 3.0
     assert ret >= 0.75 * optimum
 
