@@ -70,8 +70,10 @@ def _build(batch: int, n: int, hidden: int, obs_dim: int, twin_q: bool, gpu: boo
     )
     group = config.build_learner_group(env=None, spaces={DEFAULT_MODULE_ID: (obs_space, act_space)})
     rng = np.random.default_rng(0)
-    replay = CostReplayBuffer(100_000, ["cost"], seed=0)
+    # A full buffer of 50k transitions (_next wraps to 0), so the newest rows the E-step draws from
+    # (estep_recent_steps) lie inside the arrays.
     size = 50_000
+    replay = CostReplayBuffer(size, ["cost"], seed=0)
     replay._data = {
         "obs": rng.normal(size=(size, obs_dim)).astype(np.float32),
         "actions": rng.uniform(-1, 1, (size, 2)).astype(np.float32),
