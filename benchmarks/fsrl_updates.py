@@ -9,9 +9,10 @@ source tree with --fsrl:
     ../fsrl_venv/bin/python benchmarks/fsrl_updates.py --fsrl ../FSRL
 
 or, where GitHub is out of reach, FSRL's release from the package registry (``fast-safe-rl`` 0.1.0; its wandb needs
-numpy < 2 and pkg_resources), giving the directory that holds the installed ``fsrl`` package:
+numpy < 2, pkg_resources and sentry-sdk 1's Hub), giving the directory that holds the installed ``fsrl`` package:
 
-    python3 -m venv ../fsrl_venv && ../fsrl_venv/bin/pip install torch==2.13.0 fast-safe-rl==0.1.0 "numpy<2" "setuptools<70"
+    python3 -m venv ../fsrl_venv && ../fsrl_venv/bin/pip install torch==2.13.0 fast-safe-rl==0.1.0 "numpy<2" \
+        "setuptools<81" "sentry-sdk<2"
     ../fsrl_venv/bin/python benchmarks/fsrl_updates.py --fsrl $(../fsrl_venv/bin/python -c "import fsrl, os; print(os.path.dirname(os.path.dirname(fsrl.__file__)))")
     .venv/bin/python benchmarks/learner_throughput.py --settings fsrl-circle --single-q     # ours, right after
 
