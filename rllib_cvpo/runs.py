@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -180,13 +182,32 @@ def run_seeds(run_dirs: List[str | Path]) -> List[int]:
     return sorted(seeds)
 
 
+def _common_name(dirs: List[str | Path]) -> Optional[str]:
+    """The name several differently named runs share, from one sweep file per seed (``circle_seed0``,
+    ``circle_seed1``: ``circle``): their names' common start without a trailing ``_seed``; None where that is empty
+    or the names are all the same."""
+    names = [run_label(d) for d in dirs]
+    if len(set(names)) < 2:
+        return None
+    common = os.path.commonprefix(names)
+    common = re.sub(r"_?(seeds?\d*)?_?$", "", common)
+    return common or None
+
+
 def group_labels(groups: List[List[str | Path]]) -> List[str]:
-    """The legend's name for each group of runs: its first directory's :func:`run_label`; where two groups would get
-    the same name (e.g. two sets of seeds picked out of one sweep) each of those also names its seeds."""
-    names = [run_label(dirs[0]) for dirs in groups]
+    """The legend's name for each group of runs: its first directory's :func:`run_label`, or where the group's runs
+    are named apart (one sweep file per seed) their common name and their seeds; where two groups would get the same
+    name (e.g. two sets of seeds picked out of one sweep) each of those also names its seeds."""
+    names = []
+    for dirs in groups:
+        common = _common_name(dirs)
+        seeds = run_seeds(dirs) if common else []
+        if common and seeds:
+            common = f"{common} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+        names.append(common or run_label(dirs[0]))
     labels = list(names)
     for i, label in enumerate(names):
-        if names.count(label) > 1:
+        if names.count(label) > 1 and not _common_name(groups[i]):
             seeds = run_seeds(groups[i])
             if seeds:
                 labels[i] = f"{label} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"

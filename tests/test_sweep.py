@@ -185,6 +185,25 @@ def test_plot_legend_tells_apart_two_groups_of_one_sweep_by_their_seeds(tmp_path
     assert group_labels([trials, [lifted]]) == ["circle_leaky", "circle_lifted"]
 
 
+def test_plot_legend_names_one_sweep_file_per_seed_by_their_common_name(tmp_path):
+    # Seeds run from one sweep file each (circle_round_seed0, _seed1, _seed2) are one group: the legend names the
+    # group by the name they share and its seeds, not by the first run's directory.
+    from rllib_cvpo.runs import group_labels
+
+    def run(name, seed):
+        trial = tmp_path / name / f"CVPO_SafetyPointCircle1-v0_1b69b_00000_0_cost_limit=25,seed={seed}_2026-12-07"
+        trial.mkdir(parents=True)
+        (trial / "result.json").write_text("")
+        (trial / "params.json").write_text(json.dumps({"seed": seed, "cost_limit": 25}))
+        (tmp_path / name / "experiment_state-2026-12-07_21-45-14.json").write_text("{}")
+        return tmp_path / name
+
+    rounds = [run(f"circle_round_seed{s}", s) for s in (0, 1, 2)]
+    defaults = [run(f"circle_recent_seed{s}", s) for s in (0, 1)]
+    assert group_labels([rounds, defaults]) == ["circle_round (seeds 0, 1, 2)", "circle_recent (seeds 0, 1)"]
+    assert group_labels([rounds[:1], rounds[1:]]) == ["circle_round_seed0", "circle_round (seeds 1, 2)"]
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_repeating_finished_trials(ray_local, tmp_path):
     """Three trials one at a time, interrupted while the second runs: on resume the first (finished) is not run
