@@ -198,20 +198,15 @@ def group_labels(groups: List[List[str | Path]]) -> List[str]:
     """The legend's name for each group of runs: its first directory's :func:`run_label`, or where the group's runs
     are named apart (one sweep file per seed) their common name and their seeds; where two groups would get the same
     name (e.g. two sets of seeds picked out of one sweep) each of those also names its seeds."""
-    names = []
-    for dirs in groups:
-        common = _common_name(dirs)
-        seeds = run_seeds(dirs) if common else []
-        if common and seeds:
-            common = f"{common} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
-        names.append(common or run_label(dirs[0]))
-    labels = list(names)
-    for i, label in enumerate(names):
-        if names.count(label) > 1 and not _common_name(groups[i]):
-            seeds = run_seeds(groups[i])
-            if seeds:
-                labels[i] = f"{label} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
-    return labels
+
+    def with_seeds(label: str, dirs) -> str:
+        seeds = run_seeds(dirs)
+        return f"{label} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})" if seeds else label
+
+    commons = [_common_name(dirs) for dirs in groups]
+    names = [with_seeds(common, dirs) if common else run_label(dirs[0]) for common, dirs in zip(commons, groups)]
+    return [with_seeds(name, dirs) if names.count(name) > 1 and not common else name
+            for name, common, dirs in zip(names, commons, groups)]
 
 
 def plot_runs(run_dirs: List[str | Path], out: str | Path, title: Optional[str] = None,
