@@ -100,7 +100,9 @@ def start_cli(log_path, *args, **popen_kw) -> subprocess.Popen:
     """Start the command in the background with stdout and stderr written to ``log_path``. The log file is closed in
     this process at once (the command keeps its own descriptor), so no test leaves it open."""
     with open(log_path, "w") as log:
-        return subprocess.Popen([*CLI, *map(str, args)], stdout=log, stderr=subprocess.STDOUT, **popen_kw)
+        proc = subprocess.Popen([*CLI, *map(str, args)], stdout=log, stderr=subprocess.STDOUT, **popen_kw)
+    proc.log_path = Path(log_path)  # what wait_for shows if the command ends early
+    return proc
 
 
 def gcs_address(ray):
@@ -132,13 +134,17 @@ def iterations_logged(run_dir: Path) -> int:
 
 
 def wait_for(predicate, timeout, what, proc=None):
-    """Poll ``predicate`` every 0.5 s; fail if ``proc`` ends first or ``timeout`` seconds pass."""
+    """Poll ``predicate`` every 0.5 s; fail if ``proc`` ends first (with the end of its output, for a command
+    started by :func:`start_cli`) or ``timeout`` seconds pass."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended ({proc.returncode}) while waiting for {what}")
+            log = getattr(proc, "log_path", None)
+            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"process ended ({proc.returncode}) while waiting for {what}"
+                                 + (f"; the end of its output:\n{tail}" if tail else ""))
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
 
