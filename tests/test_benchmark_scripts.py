@@ -16,8 +16,9 @@ def test_learner_throughput_runs_on_the_current_learner():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(s for s in out.stdout.splitlines() if "training path" in s)
-    rate, update_ms, ratio = (float(x) for x in re.search(
-        r"training path\s+([\d.]+) updates/s .* \(([\d.]+) ms\) .* update/matmuls ([\d.]+)", line).groups())
+    match = re.search(r"training path\s+([\d.]+) updates/s .* \(([\d.]+) ms\) .* update/matmuls ([\d.]+)", line)
+    assert match, line
+    rate, update_ms, ratio = (float(x) for x in match.groups())
     assert rate > 0 and update_ms > 0 and ratio > 0
     phases = next(s for s in out.stdout.splitlines() if "phases" in s)
     assert all(f"{p} " in phases for p in ("critic", "estep", "dual", "mstep"))
