@@ -154,6 +154,8 @@ def test_two_iterations_on_safety_point_goal_with_a_remote_env_runner(ray_local)
         assert result["num_env_steps_sampled_lifetime"] >= 2000
         for value in (runners["episode_return_mean"], runners["episode_cost"], learner["eta"], learner["lambda"]):
             assert math.isfinite(value)
+        # The cost critic's calibration on the replay reaches the iteration's results (benchmarks/learning/table.py).
+        assert math.isfinite(learner["qc_replay"]) and learner["qc_replay_cost_to_go"] >= 0.0
         # The updates the sampled steps earned (0.25 per env step), and the E-step's exact dual: its
         # KL(q || pi_old) is the bound wherever eta is not at a bound.
         steps = result["num_env_steps_sampled_lifetime"]

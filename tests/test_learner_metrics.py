@@ -210,3 +210,43 @@ def test_critic_updates_per_update_steps_the_critics_on_each_batch_then_the_poli
         assert learner._cvpo[DEFAULT_MODULE_ID]["num_updates"] == 3
     finally:
         group.shutdown()
+
+
+def test_each_round_logs_the_cost_critics_calibration_on_the_replay_before_its_updates(ray_local):
+    """qc_replay is the cost critic's mean Q_c over replayed (s, a) as the round found it (before its updates),
+    qc_replay_cost_to_go the same rows' mean cost over 1 - gamma; each iteration's figure is the mean of its rounds."""
+    from ray.rllib.core.columns import Columns
+
+    from rllib_cvpo.cvpo.torch.cvpo_torch_learner import CALIBRATION_ROWS
+
+    group = _learner_group()
+    learner = group._learner
+    try:
+        rng = np.random.default_rng(0)
+        n = 6000  # more rows than one reading takes
+        learner.replay.add_chunks([{
+            "id": "episode", "obs": rng.normal(size=(n + 1, 5)).astype(np.float32),
+            Columns.ACTIONS: rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+            Columns.REWARDS: rng.normal(size=n).astype(np.float32),
+            COSTS: (rng.uniform(size=(n, 1)) < 0.2).astype(np.float32), "terminated": False, "done": True}])
+        module = learner.module[DEFAULT_MODULE_ID].unwrapped()
+        rows = learner.replay.spread(CALIBRATION_ROWS)
+        assert len(rows["obs"]) == CALIBRATION_ROWS
+        gamma = learner.config.gamma
+
+        def reading():
+            with torch.no_grad():
+                _, qc = module.q_values(torch.as_tensor(rows["obs"]), torch.as_tensor(rows["actions"]))
+            return float(qc.mean()), float(rows[COSTS].mean() / (1 - gamma))
+
+        expected = []
+        for call in range(2):
+            expected.append(reading())
+            result = learner.update_from_replay(num_updates=3, timesteps={"num_env_steps_sampled_lifetime": 1000})
+            result = result[DEFAULT_MODULE_ID]
+            assert _value(result["qc_replay"]) == pytest.approx(expected[-1][0], rel=1e-5)
+            assert _value(result["qc_replay_cost_to_go"]) == pytest.approx(expected[-1][1], rel=1e-6)
+        assert expected[0][0] != expected[1][0]  # the critic moved between the rounds: a reading per round
+        assert expected[0][1] == pytest.approx(0.2 / (1 - gamma), rel=0.1)
+    finally:
+        group.shutdown()

@@ -124,3 +124,17 @@ def test_warm_up_actions_in_env_units_are_stored_in_the_policys_units():
     replay = CostReplayBuffer(10, ["cost"])
     replay.add([ep], action_space=box)
     np.testing.assert_allclose(replay._data["actions"][:3], [[-1, -1], [1, 1], [0, 0.5]])
+
+
+def test_spread_reads_evenly_spaced_rows_without_touching_the_sampling_rng():
+    replay = CostReplayBuffer(16, ["cost"], seed=5)
+    with pytest.raises(ValueError, match="empty"):
+        replay.spread(4)
+    replay.add([chunk(1, 0, 10)])
+    state = replay.rng.bit_generator.state
+    rows = replay.spread(4)
+    assert [tuple(s) for s in rows["obs"].astype(int)] == [(1, 0), (1, 3), (1, 6), (1, 9)]
+    assert rows[COSTS][:, 0].tolist() == [cost(1, t) for t in (0, 3, 6, 9)]
+    assert set(rows) == {"obs", "actions", COSTS}
+    assert len(replay.spread(100)["obs"]) == 10  # all of them while fewer are stored
+    assert replay.rng.bit_generator.state == state  # a later minibatch is the one it would have been

@@ -7,7 +7,10 @@ training-episode return and cost and of the deterministic evaluation return and 
 were within the limit, the mean of the last 3 evaluations (30 episodes with 10 per evaluation), and, from the trial's latest checkpoint, how the cost critic compares with the costs in its
 replay buffer: the mean Q_c(s, a) over the replayed pairs against mean(cost) / (1 - gamma), the discounted cost-to-go
 those pairs would have if the replayed state distribution were stationary (episodes here are 5-10x longer than
-1 / (1 - gamma), so the truncation correction is small). The last column describes how the training episodes' cost
+1 / (1 - gamma), so the truncation correction is small). That snapshot swings by 2-3x between checkpoints 12k env
+steps apart, so the next column is the same comparison from the learner's own readings (once per sampling round, on
+4096 replayed pairs spread through the replay), averaged over the second half: the mean Q_c over the mean
+cost-to-go ("-" for runs made before the learner logged them). The last column describes how the training episodes' cost
 moves from one iteration to the next over the second half: its standard deviation across iterations and its lag-1
 autocorrelation (near -0.5 or below: the cost alternates high and low, a feedback loop cycling with period two).
 """
@@ -43,6 +46,34 @@ def critic_calibration(trial: Path) -> tuple[float, float] | None:
     return float(q.mean()), float(data["costs"][:, 0].mean() / (1.0 - gamma))
 
 
+def logged_calibration(trial: Path, after_steps: float) -> tuple[float, float] | None:
+    """(mean Q_c, mean cost-to-go) of the learner's per-round calibration readings (``qc_replay`` and
+    ``qc_replay_cost_to_go``, logged since 2026-12-08) over the iterations after ``after_steps`` env steps; None
+    for runs that did not log them."""
+    readings = {}
+    with open(trial / "result.json") as fh:
+        for line in fh:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            module = (r.get("learners") or {}).get("default_policy") or {}
+            steps = r.get("num_env_steps_sampled_lifetime") or 0
+            if "qc_replay" in module and steps > after_steps:
+                readings[r.get("training_iteration")] = (module["qc_replay"], module["qc_replay_cost_to_go"])
+    if not readings:
+        return None
+    q, to_go = np.mean(list(readings.values()), axis=0)  # (a resumed run's repeated iterations: the latest)
+    return float(q), float(to_go)
+
+
+def ratio_text(calib: tuple[float, float] | None) -> str:
+    """'Q_c / cost-to-go (ratio)', the ratio only where the replay holds any cost."""
+    if not calib:
+        return "-"
+    return f"{calib[0]:.2f} / {calib[1]:.2f}" + (f" ({calib[0] / calib[1]:.2f})" if calib[1] > 0 else "")
+
+
 def iteration_swing(costs) -> str:
     """'sd / lag-1 autocorrelation' of the per-iteration training cost (iterations without an episode skipped)."""
     c = np.asarray(costs, np.float64)
@@ -59,8 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     print("| run | trial | env steps | training return | training cost | eval return | eval cost | "
           "evaluations within the limit | last 3 evaluations: return / cost | critic Q_c / replay cost-to-go | "
-          "training cost per iteration: sd / lag-1 autocorrelation |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "the same, second half | training cost per iteration: sd / lag-1 autocorrelation |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         for trial in trial_dirs(run):
             df = read_results(trial)
@@ -72,15 +103,13 @@ def main() -> None:
             ev = half["eval_cost"].dropna()
             within = f"{int((ev <= limit).sum())} of {len(ev)}"
             calib = None if args.no_critic else critic_calibration(trial)
-            calib_text = "-"
-            if calib:  # the ratio only where the replay holds any cost
-                calib_text = f"{calib[0]:.2f} / {calib[1]:.2f}" + (f" ({calib[0] / calib[1]:.2f})" if calib[1] > 0 else "")
+            calib_text, half_calib_text = ratio_text(calib), ratio_text(logged_calibration(trial, final / 2))
             name = trial.name.split("_", 3)[-1].rsplit("_", 2)[0]  # e.g. 0_cost_limit=25,seed=0
             last3 = df.dropna(subset=["eval_cost"]).tail(3)  # the issue's final figure: 3 x 10 episodes
             print(f"| {Path(run).name} | {name} | {final:,.0f} | {half['episode_return'].mean():.1f} | "
                   f"{half['episode_cost'].mean():.1f} | {half['eval_return'].mean():.1f} | "
                   f"{half['eval_cost'].mean():.1f} | {within} | {last3['eval_return'].mean():.1f} / "
-                  f"{last3['eval_cost'].mean():.1f} | {calib_text} | "
+                  f"{last3['eval_cost'].mean():.1f} | {calib_text} | {half_calib_text} | "
                   f"{iteration_swing(half['episode_cost'])} |")
 
 

@@ -145,6 +145,14 @@ class CostReplayBuffer:
             out[POLICY_OBS] = d[Columns.OBS][(self._next - 1 - back) % self.capacity]
         return out
 
+    def spread(self, max_rows: int) -> Dict[str, np.ndarray]:
+        """Up to ``max_rows`` stored transitions (obs, actions, costs), evenly spaced through the slots, without
+        drawing from the sampling rng (reading them changes no later minibatch)."""
+        if self._size == 0:
+            raise ValueError("cannot read rows of an empty replay buffer")
+        idx = np.linspace(0, self._size - 1, num=min(int(max_rows), self._size)).astype(np.int64)
+        return {k: self._data[k][idx] for k in (Columns.OBS, Columns.ACTIONS, COSTS)}
+
     def get_state(self) -> Dict[str, Any]:
         """The stored slots as they are (a restore into the same capacity samples exactly as this buffer would)."""
         size = self._size

@@ -26,6 +26,8 @@ from rllib_cvpo.cvpo.mstep import WeightedMoments, mstep_terms
 from rllib_cvpo.cvpo.replay import BOOTSTRAP_DISCOUNT, COSTS, POLICY_OBS, CostReplayBuffer
 
 CVPO_STATE = "cvpo_state"
+# Replayed transitions read per sampling round for the cost critic's calibration (qc_replay, qc_replay_cost_to_go).
+CALIBRATION_ROWS = 4096
 
 
 def keep_freed_memory_in_process() -> None:
@@ -158,6 +160,30 @@ class CVPOTorchLearner(TorchLearner):
         super().before_gradient_based_update(timesteps=timesteps)
         self._env_steps = int(timesteps.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, self._env_steps) or 0)
         self._threshold_offset = timesteps.get(THRESHOLD_OFFSET)  # the cost feedback's offsets (None: 0)
+        if len(self.replay):
+            self._log_critic_calibration()
+
+    def _log_critic_calibration(self) -> None:
+        """Per constraint, once per round (before its updates): the cost critic's mean Q_c over up to
+        ``CALIBRATION_ROWS`` replayed (s, a) spread through this learner's shard (``qc_replay``), beside the mean
+        cost of those rows over 1 - gamma (``qc_replay_cost_to_go``), the discounted cost-to-go the pairs would have
+        if the replayed state distribution were stationary. Each iteration's results carry the mean of its rounds,
+        so the calibration can be read over a run's second half instead of from one checkpoint's critic, which
+        swings by 2-3x between checkpoints (docs/benchmarks.md section 5)."""
+        rows = self.replay.spread(CALIBRATION_ROWS)
+        for mid in self.module.keys():
+            cfg = self.config.get_config_for_module(mid)
+            module = self.module[mid].unwrapped()
+            with torch.no_grad():
+                obs = torch.as_tensor(rows[Columns.OBS], dtype=torch.float32, device=self._device)
+                actions = torch.as_tensor(rows[Columns.ACTIONS], dtype=torch.float32, device=self._device)
+                _, qc = module.q_values(obs, actions)
+            qc = qc.mean(1).cpu().numpy()
+            to_go = rows[COSTS].mean(0) / (1.0 - cfg.gamma)
+            for i, key in enumerate(cfg.cost_keys):
+                suffix = "" if len(cfg.cost_keys) == 1 else f"_{key}"
+                self.metrics.log_value((mid, f"qc_replay{suffix}"), float(qc[i]), reduce="mean")
+                self.metrics.log_value((mid, f"qc_replay_cost_to_go{suffix}"), float(to_go[i]), reduce="mean")
 
     @override(TorchLearner)
     def after_gradient_based_update(self, *, timesteps: Dict[str, Any]) -> None:
