@@ -238,6 +238,9 @@ def user_modules(env_id: Any) -> list:
     return [top] if is_users_module(top) else []
 
 
+STARTUP_ATTEMPTS = 3  # starts of a local Ray whose node timed out during startup, before the error is raised
+
+
 def _init_ray(address: Optional[str], env_id: Any = None) -> None:
     """Start a local Ray (or join ``address``) for this process. For a ``module:EnvId`` env whose module is the
     user's own, the module travels to every worker (Ray's runtime env ``py_modules``): the trial, the EnvRunners
@@ -249,8 +252,20 @@ def _init_ray(address: Optional[str], env_id: Any = None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter, silent at verbose=0: our bar instead
     modules = user_modules(env_id)
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
-             logging_level="ERROR", runtime_env={"py_modules": modules} if modules else None)
+    # A local Ray gives its raylet a fixed 30 s to register (ray/_private/node.py); on a machine busy with other
+    # runs it can miss that and ray.init fails before anything ran. Starting it again then costs seconds, and a
+    # run that would have started on a quieter machine does start.
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
+                     logging_level="ERROR", runtime_env={"py_modules": modules} if modules else None)
+            return
+        except Exception as err:  # Ray raises a bare Exception for it
+            if address is not None or "timed out during startup" not in str(err) or attempt == STARTUP_ATTEMPTS:
+                raise
+            ray.shutdown()
+            print(f"rllib-cvpo: the local Ray did not start in time ({err}); starting it again "
+                  f"(attempt {attempt + 1} of {STARTUP_ATTEMPTS})", file=sys.stderr, flush=True)
 
 
 def _check_resources(config, address: Optional[str]) -> None:

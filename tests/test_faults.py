@@ -256,3 +256,46 @@ def test_a_trial_killed_in_a_sweep_is_retried_from_its_checkpoint_and_the_sweep_
     limits = {float(r.data.params["cost_limit"]) for r in runs}
     assert limits == {15.0, 30.0}
     assert all(max(m.step for m in client.get_metric_history(r.info.run_id, "cvpo/env_steps")) >= 2 for r in runs)
+
+
+def test_a_local_ray_that_times_out_during_startup_is_started_again_and_other_errors_are_raised(monkeypatch, capsys):
+    """ray.init's "timed out during startup" (its raylet missed Ray's fixed 30 s on a busy machine) starts the local
+    Ray again, up to STARTUP_ATTEMPTS starts; any other error, or the same one when joining a cluster, is raised."""
+    import ray
+
+    from rllib_cvpo import training
+
+    def fake_init(outcomes):
+        calls = []
+
+        def init(**kwargs):
+            calls.append(kwargs)
+            outcome = outcomes.pop(0)
+            if outcome is not None:
+                raise outcome
+
+        return calls, init
+
+    timeout = Exception("The current node timed out during startup. This could happen because ...")
+    shutdowns = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+
+    calls, init = fake_init([timeout, timeout, None])
+    monkeypatch.setattr(ray, "init", init)
+    training._init_ray(None)
+    assert len(calls) == 3 and len(shutdowns) == 2
+    assert "starting it again (attempt 3 of 3)" in capsys.readouterr().err
+
+    calls, init = fake_init([timeout] * training.STARTUP_ATTEMPTS)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(Exception, match="timed out during startup"):
+        training._init_ray(None)
+    assert len(calls) == training.STARTUP_ATTEMPTS
+
+    for address, error in ((None, RuntimeError("port in use")), ("10.0.0.1:6379", timeout)):
+        calls, init = fake_init([error, None])
+        monkeypatch.setattr(ray, "init", init)
+        with pytest.raises(Exception, match=str(error)[:20]):
+            training._init_ray(address)
+        assert len(calls) == 1
